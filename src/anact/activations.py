@@ -172,7 +172,7 @@ def _lrelu(negative_slope: float = 0.01) -> Activation:
     return Activation(
         "lrelu",
         fn=lambda x: F.leaky_relu(x, s),
-        derivative=lambda x: torch.where(x > 0, 1.0, s).to(x.dtype),
+        derivative=lambda x: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, s)),
         kinks=(0.0,),
         params={"negative_slope": s},
         module=lambda: torch.nn.LeakyReLU(s),

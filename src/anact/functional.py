@@ -1,0 +1,383 @@
+"""Stateless math of the normalized activation function (ANAct, section 2.2).
+
+The module :class:`anact.NormalizedActivation` holds the state (running
+statistics, α) and calls :func:`normalized_activation`, as ``nn.BatchNorm2d``
+calls ``F.batch_norm``. The pieces are public so that analysis tools and
+distributed training can reuse them:
+
+* :func:`batch_moments` — the statistics of one mini-batch, mask-aware;
+* :func:`merge_moments` — combines moments of several shards (ranks) exactly;
+* :func:`moments_to_stats` — ρ_M, ρ'_M, μ_M and whether the batch is usable;
+* :func:`update_running_stats` — eq. 16–18 with the outlier bounds, in place;
+* :func:`lambda_factor` — eq. 13;
+* :func:`normalized_activation` — the whole forward pass, eq. 15.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from anact.activations import Activation, resolve_activation
+
+__all__ = [
+    "BatchMoments",
+    "StatisticsWarning",
+    "batch_moments",
+    "merge_moments",
+    "moments_to_stats",
+    "update_running_stats",
+    "lambda_factor",
+    "apply_normalization",
+    "normalized_activation",
+]
+
+
+class StatisticsWarning(UserWarning):
+    """A mini-batch could not be used to update the running statistics."""
+
+
+class BatchMoments(NamedTuple):
+    """Moments of one mini-batch, each of shape () (per tensor) or (C,) (per channel).
+
+    ``count`` is the number of real (unmasked) elements; variances are biased.
+    """
+
+    count: Tensor
+    mean_x: Tensor
+    var_x: Tensor
+    mean_y: Tensor
+    var_y: Tensor
+    mean_dsq: Tensor
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    # statistics are computed and stored in float32 at least (mixed precision)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor, channel_dim: int | None) -> list[int]:
+    if channel_dim is None:
+        return list(range(x.dim()))
+    cd = channel_dim % x.dim()
+    return [d for d in range(x.dim()) if d != cd]
+
+
+def _broadcast_shape(x: Tensor, channel_dim: int | None, stat: Tensor) -> Tensor:
+    """View a () or (C,) statistic so that it broadcasts against x."""
+    if channel_dim is None or stat.dim() == 0:
+        return stat
+    shape = [1] * x.dim()
+    shape[channel_dim % x.dim()] = -1
+    return stat.reshape(shape)
+
+
+def _check_channel_dim(x: Tensor, channel_dim: int | None) -> None:
+    if channel_dim is not None and not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(
+            f"channel_dim={channel_dim} is out of range for an input of shape {tuple(x.shape)}"
+        )
+
+
+def _check_mask(x: Tensor, mask: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            "mask must be a bool tensor (True = real element, False = padding), "
+            f"got {getattr(mask, 'dtype', type(mask).__name__)}"
+        )
+    try:
+        return mask.to(x.device).expand_as(x)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the input's shape "
+            f"{tuple(x.shape)}; e.g. for (batch, seq, features) pass a (batch, seq, 1) mask"
+        ) from None
+
+
+def batch_moments(
+    x: Tensor,
+    activation: str | Activation,
+    *,
+    channel_dim: int | None = None,
+    mask: Tensor | None = None,
+) -> BatchMoments:
+    """Moments of x, y = δ(x) and δ'(x)² over one mini-batch (no gradient).
+
+    Args:
+        x: pre-activations, any shape.
+        activation: δ, a registered name or an :class:`Activation`.
+        channel_dim: None for one statistic over all elements (the paper), or
+            the dimension that holds channels for one statistic per channel.
+        mask: optional bool tensor broadcastable to x; False elements (padding)
+            enter no statistic.
+    """
+    act = resolve_activation(activation)
+    _check_channel_dim(x, channel_dim)
+    dims = _reduce_dims(x, channel_dim)
+    with torch.no_grad():
+        xf = x.detach().to(_stat_dtype(x))
+        y = act.fn(xf)
+        dsq = act.derivative(xf).square()
+        if mask is None:
+            var_x, mean_x = torch.var_mean(xf, dim=dims, correction=0)
+            var_y, mean_y = torch.var_mean(y, dim=dims, correction=0)
+            mean_dsq = dsq.mean(dim=dims)
+            n = xf.numel() // max(1, mean_x.numel())
+            count = torch.full_like(mean_x, float(n))
+        else:
+            m = _check_mask(x, mask)
+            zero = xf.new_zeros(())
+            count = m.sum(dim=dims).to(xf.dtype)
+
+            def mean(t: Tensor) -> Tensor:
+                # masked-out elements may hold anything (NaN padding included)
+                return torch.where(m, t, zero).sum(dim=dims) / count
+
+            def var(t: Tensor, mu: Tensor) -> Tensor:
+                return mean((t - _broadcast_shape(xf, channel_dim, mu)).square())
+
+            mean_x, mean_y, mean_dsq = mean(xf), mean(y), mean(dsq)
+            var_x, var_y = var(xf, mean_x), var(y, mean_y)
+    return BatchMoments(count, mean_x, var_x, mean_y, var_y, mean_dsq)
+
+
+def merge_moments(stacked: BatchMoments) -> BatchMoments:
+    """Combine moments of K shards stacked along a leading dimension (K, ...).
+
+    Exact (Chan et al.'s parallel variance): the result equals the moments of
+    the union of the shards. Shards with count 0 contribute nothing.
+    """
+    n = stacked.count
+    total = n.sum(dim=0)
+    w = torch.where(total > 0, n / total, torch.zeros_like(n))
+
+    def mean(t: Tensor) -> Tensor:
+        return (w * torch.nan_to_num(t)).sum(dim=0)
+
+    mean_x, mean_y = mean(stacked.mean_x), mean(stacked.mean_y)
+
+    def var(v: Tensor, mu_k: Tensor, mu: Tensor) -> Tensor:
+        return (w * (torch.nan_to_num(v) + (torch.nan_to_num(mu_k) - mu).square())).sum(dim=0)
+
+    empty = total == 0
+    nan = torch.full_like(mean_x, float("nan"))
+    out = BatchMoments(
+        total,
+        mean_x,
+        var(stacked.var_x, stacked.mean_x, mean_x),
+        mean_y,
+        var(stacked.var_y, stacked.mean_y, mean_y),
+        mean(stacked.mean_dsq),
+    )
+    # an empty union has no moments; keep NaN so that the batch is rejected
+    return BatchMoments(out.count, *(torch.where(empty, nan, t) for t in out[1:]))
+
+
+def moments_to_stats(moments: BatchMoments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch statistics ρ_M = Var[y]/Var[x] (eq. 31), ρ'_M = E[δ'²], μ_M = E[y].
+
+    Returns ``(rho, rho_prime, mu, valid)``; ``valid`` is False where the batch
+    cannot define them: fewer than 2 real elements, a constant batch
+    (Var[x] at rounding level), ρ_M or ρ'_M = 0 (e.g. ReLU on an all-negative
+    batch), or NaN/Inf anywhere.
+    """
+    count, mean_x, var_x, mean_y, var_y, mean_dsq = moments
+    rho = var_y / var_x
+    tiny = torch.finfo(var_x.dtype).eps
+    # a batch whose spread is below a few ulps of its mean is constant up to rounding
+    constant = var_x <= (4 * tiny * mean_x.abs()).square() + torch.finfo(var_x.dtype).tiny
+    valid = (
+        (count >= 2)
+        & ~constant
+        & torch.isfinite(rho)
+        & torch.isfinite(mean_dsq)
+        & torch.isfinite(mean_y)
+        & (rho > 0)
+        & (mean_dsq > 0)
+    )
+    return rho, mean_dsq, mean_y, valid
+
+
+def update_running_stats(
+    running_rho: Tensor,
+    running_rho_prime: Tensor,
+    running_mean: Tensor,
+    num_batches_tracked: Tensor,
+    rho: Tensor,
+    rho_prime: Tensor,
+    mu: Tensor,
+    valid: Tensor,
+    *,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+) -> None:
+    """Update the running statistics in place (eq. 16–18).
+
+    On the first batch (``num_batches_tracked == 0``) each running value is set
+    to the batch value. Afterwards μ ← m·μ_M + (1−m)·μ, and ρ (ρ' alike) is
+    blended only when L·ρ < ρ_M < U·ρ, else kept. Entries where ``valid`` is
+    False keep their values. ``momentum=None`` gives the cumulative average,
+    as in ``nn.BatchNorm``. Uses tensor ops only (no host synchronisation).
+    """
+    with torch.no_grad():
+        first = num_batches_tracked == 0
+        if momentum is None:
+            m = 1.0 / (num_batches_tracked + 1).to(running_rho.dtype)
+        else:
+            m = momentum
+
+        def blend(run: Tensor, new: Tensor, filtered: bool) -> Tensor:
+            new = new.to(run.dtype)
+            out = run + m * (new - run)  # eq. 16: m·new + (1 − m)·run
+            if filtered and bounds is not None:
+                low, high = bounds
+                inside = (low * run < new) & (new < high * run)  # eq. 17–18 filter
+                out = torch.where(inside, out, run)
+            out = torch.where(first, new, out)
+            return torch.where(valid, out, run)
+
+        running_rho.copy_(blend(running_rho, rho, True))
+        running_rho_prime.copy_(blend(running_rho_prime, rho_prime, True))
+        running_mean.copy_(blend(running_mean, mu, False))
+        num_batches_tracked.add_(valid.any().to(num_batches_tracked.dtype))
+
+
+def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float = 1e-5) -> Tensor:
+    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13); ρ, ρ' are floored at ``eps``."""
+    rho, rho_prime = rho.clamp_min(eps), rho_prime.clamp_min(eps)
+    return torch.sqrt((rho + rho_prime) / (2 * rho * rho_prime))
+
+
+class _NormalizedActivationFn(torch.autograd.Function):
+    """out = scale·(δ(x) − shift); saves only x (and the per-channel scale/shift).
+
+    Backward (appendix eq. 36–37, 41–42): ∂L/∂x = scale·δ'(x)·g and
+    ∂L/∂scale = Σ g·(δ(x) − shift); shift carries no gradient.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale, shift, activation, channel_dim):  # type: ignore[override]
+        s = _broadcast_shape(x, channel_dim, scale).to(x.dtype)
+        b = _broadcast_shape(x, channel_dim, shift).to(x.dtype)
+        return (activation.fn(x) - b) * s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, shift, activation, channel_dim = inputs
+        ctx.save_for_backward(x, scale, shift)
+        ctx.activation = activation
+        ctx.channel_dim = channel_dim
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale, shift = ctx.saved_tensors
+        act, cd = ctx.activation, ctx.channel_dim
+        s = _broadcast_shape(x, cd, scale).to(x.dtype)
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out * act.derivative(x) * s
+        if ctx.needs_input_grad[1]:
+            b = _broadcast_shape(x, cd, shift).to(x.dtype)
+            centered = act.fn(x) - b
+            dims = _reduce_dims(x, cd if scale.dim() else None)
+            grad_scale = (grad_out * centered).sum(dim=dims, dtype=scale.dtype)
+        return grad_x, grad_scale, None, None, None
+
+
+def apply_normalization(
+    x: Tensor,
+    activation: str | Activation,
+    scale: Tensor,
+    shift: Tensor,
+    channel_dim: int | None = None,
+) -> Tensor:
+    """scale·(δ(x) − shift) with the memory-lean backward (saves x only).
+
+    ``scale`` and ``shift`` have shape () or (C,) (C along ``channel_dim``);
+    the gradient flows to x and to scale, never to shift.
+    """
+    act = resolve_activation(activation)
+    return _NormalizedActivationFn.apply(x, scale, shift, act, channel_dim)
+
+
+def _is_compiling() -> bool:
+    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+def normalized_activation(
+    x: Tensor,
+    activation: str | Activation,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    bounds: tuple[float, float] | None = (0.2, 5.0),
+    beta: float = 0.3,
+    center: bool = True,
+    channel_dim: int | None = None,
+    eps: float = 1e-5,
+    mask: Tensor | None = None,
+    reduce_moments: Callable[[BatchMoments], BatchMoments] | None = None,
+) -> Tensor:
+    """The normalized activation function δ̂(x) = (λ + β·tanh α)(δ(x) − μ) (eq. 15).
+
+    Like ``F.batch_norm``: in training (or when no running statistics are
+    given) it computes the batch statistics; in training with running
+    statistics it updates them in place (eq. 16–18) and normalizes with the
+    values just updated; in eval it uses the stored values and changes nothing.
+
+    Args:
+        x: pre-activations of any shape; the output has x's shape and dtype.
+        running_*: buffers of shape () or (C,) (float32 or float64), or all None.
+        alpha: the learnable α, shape () or (C,).
+        mask: bool, broadcastable to x; padding (False) enters no statistic,
+            but its outputs are still computed.
+        reduce_moments: combines the batch moments across processes before
+            they are used (distributed training); identity when None.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"normalized activation needs a floating-point input, got {x.dtype}")
+    _check_channel_dim(x, channel_dim)
+    act = resolve_activation(activation)
+    has_running = running_rho is not None
+    if training or not has_running:
+        moments = batch_moments(x, act, channel_dim=channel_dim, mask=mask)
+        if reduce_moments is not None:
+            moments = reduce_moments(moments)
+        rho, rho_prime, mu, valid = moments_to_stats(moments)
+        if not _is_compiling() and x.device.type == "cpu" and not bool(valid.all()):
+            warnings.warn(
+                "a mini-batch could not define the activation statistics (fewer than 2 real "
+                "elements, a constant batch, an all-masked batch, a dead activation or "
+                "NaN/Inf); it was left out of the running statistics",
+                StatisticsWarning,
+                stacklevel=3,
+            )
+        if has_running and training:
+            update_running_stats(
+                running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                rho, rho_prime, mu, valid, momentum=momentum, bounds=bounds,
+            )
+            rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+        else:
+            # no running values to fall back on: an unusable batch gets λ = 1, μ = 0
+            rho = torch.where(valid, rho, torch.ones_like(rho))
+            rho_prime = torch.where(valid, rho_prime, torch.ones_like(rho_prime))
+            mu = torch.where(valid, mu, torch.zeros_like(mu))
+    else:
+        rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+    lam = lambda_factor(rho.detach(), rho_prime.detach(), eps)
+    scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
+    # a copy: the buffer may be updated again before this step's backward runs
+    shift = mu.detach().clone() if center else torch.zeros_like(mu)
+    return apply_normalization(x, act, scale, shift, channel_dim)

@@ -1,0 +1,425 @@
+"""``nn.Module``s: normalized activations (ANAct), GPN baselines and LayerAct.
+
+:class:`NormalizedActivation` is the same kind of object as ``nn.BatchNorm2d``:
+running statistics live in buffers, ``train()``/``eval()`` switch between batch
+and stored statistics, and the math lives in :mod:`anact.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anact import functional as AF
+from anact.activations import Activation, resolve_activation
+from anact.gaussian import gaussian_expectation
+
+__all__ = [
+    "NormalizedActivation",
+    "NReLU",
+    "NSwish",
+    "NLReLU",
+    "NTanh",
+    "NELU",
+    "NGELU",
+    "NMish",
+    "NSoftplus",
+    "GPN",
+    "gpn_constants",
+    "LASiLU",
+    "LAHardSiLU",
+]
+
+
+class NormalizedActivation(nn.Module):
+    r"""The normalized activation function of ANAct (eq. 15):
+
+    .. math:: \hat\delta(x) = (\lambda + \beta \tanh\alpha)\,(\delta(x) - \mu),
+              \quad \lambda = \sqrt{(\rho + \rho') / (2\rho\rho')}
+
+    with ρ = Var[δ(x)]/Var[x], ρ' = E[δ'(x)²] and μ = E[δ(x)] taken over the
+    mini-batch in training and kept as running statistics (eq. 16–18).
+
+    Args:
+        activation: δ, a registered name (``"relu"``, ``"swish"``, …) or an
+            :class:`anact.Activation`.
+        num_features: the number of channels C; required with ``channel_dim``.
+        momentum: weight of the new batch in the running statistics (as in
+            ``nn.BatchNorm``); ``None`` for a cumulative average. Default 0.1.
+        bounds: ``(L, U)`` of eq. 17–18: a batch's ρ_M (ρ'_M) enters the running
+            value only when L·ρ < ρ_M < U·ρ. Default ``(0.2, 5.0)``: a batch more
+            than 5× off the running value is an outlier. ``None`` disables the
+            filter. With narrow bounds a genuine, sudden shift of ρ would be
+            rejected for good, hence the wide default.
+        beta: bound of the learnable adjustment β·tanh(α) (paper: 0.3).
+        center: subtract μ (the paper disables it for LeNet5).
+        channel_dim: ``None`` (default, as in the paper) for one ρ, ρ', μ, α
+            per tensor; e.g. ``1`` for one per channel of an (N, C, ...) input.
+        eps: floor of ρ and ρ' inside λ.
+        track_running_stats: keep running statistics (default). Without them
+            the batch statistics are used in training and eval alike.
+        activation_params: parameters of a registered activation, e.g.
+            ``{"negative_slope": 0.1}`` for ``"lrelu"``.
+
+    Shape:
+        input (any shape; ``channel_dim`` must hold C channels), optional bool
+        ``mask`` broadcastable to it; output has the input's shape and dtype.
+
+    Guards: a batch that cannot define the statistics (fewer than 2 real
+    elements, constant input, all-False mask, a dead activation with ρ_M = 0,
+    NaN/Inf) leaves the running statistics unchanged and is counted in
+    ``num_batches_skipped``; on CPU a :class:`anact.functional.StatisticsWarning`
+    is issued (once per process, by Python's warning filter). On accelerators
+    no check is made on the host, to avoid a synchronisation per call.
+    """
+
+    def __init__(
+        self,
+        activation: str | Activation,
+        num_features: int | None = None,
+        *,
+        momentum: float | None = 0.1,
+        bounds: tuple[float, float] | None = (0.2, 5.0),
+        beta: float = 0.3,
+        center: bool = True,
+        channel_dim: int | None = None,
+        eps: float = 1e-5,
+        track_running_stats: bool = True,
+        activation_params: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.activation = resolve_activation(activation, **(activation_params or {}))
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
+        if bounds is not None:
+            low, high = (float(b) for b in bounds)
+            if not 0.0 <= low < 1.0 < high:
+                raise ValueError(f"bounds must satisfy 0 <= L < 1 < U, got {bounds}")
+            bounds = (low, high)
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if (channel_dim is None) != (num_features is None):
+            raise ValueError(
+                "per-channel statistics need both channel_dim and num_features "
+                f"(got channel_dim={channel_dim}, num_features={num_features}); "
+                "omit both for the paper's per-tensor statistics"
+            )
+        if num_features is not None and num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features}")
+        self.num_features = num_features
+        self.momentum = momentum
+        self.bounds = bounds
+        self.beta = float(beta)
+        self.center = center
+        self.channel_dim = channel_dim
+        self.eps = eps
+        self.track_running_stats = track_running_stats
+
+        shape = () if num_features is None else (num_features,)
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.zeros(shape, **factory))
+        stats = {"device": device, "dtype": dtype or torch.float32}
+        if track_running_stats:
+            self.register_buffer("running_rho", torch.ones(shape, **stats))
+            self.register_buffer("running_rho_prime", torch.ones(shape, **stats))
+            self.register_buffer("running_mean", torch.zeros(shape, **stats))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+            # training batches left out of the running statistics (not saved)
+            self.register_buffer(
+                "num_batches_skipped",
+                torch.tensor(0, dtype=torch.long, device=device),
+                persistent=False,
+            )
+        else:
+            self.register_buffer("running_rho", None)
+            self.register_buffer("running_rho_prime", None)
+            self.register_buffer("running_mean", None)
+            self.register_buffer("num_batches_tracked", None)
+            self.register_buffer("num_batches_skipped", None, persistent=False)
+
+    def reset_running_stats(self) -> None:
+        """ρ = ρ' = 1, μ = 0 (so λ = 1) and no batch tracked."""
+        if self.track_running_stats:
+            self.running_rho.fill_(1)
+            self.running_rho_prime.fill_(1)
+            self.running_mean.zero_()
+            self.num_batches_tracked.zero_()
+            self.num_batches_skipped.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.zeros_(self.alpha)
+
+    def _check_input(self, x: Tensor) -> None:
+        if self.channel_dim is not None:
+            if not -x.dim() <= self.channel_dim < x.dim():
+                raise ValueError(
+                    f"expected an input with a channel dimension {self.channel_dim}, "
+                    f"got shape {tuple(x.shape)}"
+                )
+            if x.shape[self.channel_dim] != self.num_features:
+                raise ValueError(
+                    f"expected {self.num_features} channels in dimension {self.channel_dim}, "
+                    f"got input of shape {tuple(x.shape)}"
+                )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        before = self.num_batches_tracked.clone() if self._counts_skips() else None
+        out = AF.normalized_activation(
+            x,
+            self.activation,
+            self.running_rho,
+            self.running_rho_prime,
+            self.running_mean,
+            self.num_batches_tracked,
+            self.alpha,
+            training=self.training,
+            momentum=self.momentum,
+            bounds=self.bounds,
+            beta=self.beta,
+            center=self.center,
+            channel_dim=self.channel_dim,
+            eps=self.eps,
+            mask=mask,
+            reduce_moments=self._reduce_moments(),
+        )
+        if before is not None:
+            self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
+        return out
+
+    def _counts_skips(self) -> bool:
+        return self.training and self.track_running_stats
+
+    def _reduce_moments(self):
+        """Hook for synchronised statistics (distributed training); None = local."""
+        return None
+
+    def scale(self) -> Tensor:
+        """The current factor λ + β·tanh(α) from the running statistics (eq. 15)."""
+        if not self.track_running_stats:
+            raise RuntimeError("scale() needs running statistics (track_running_stats=True)")
+        lam = AF.lambda_factor(self.running_rho, self.running_rho_prime, self.eps)
+        return lam.to(self.alpha.dtype) + self.beta * torch.tanh(self.alpha)
+
+    def shift(self) -> Tensor:
+        """The current μ subtracted before scaling (zeros when ``center=False``)."""
+        if not self.track_running_stats:
+            raise RuntimeError("shift() needs running statistics (track_running_stats=True)")
+        return self.running_mean if self.center else torch.zeros_like(self.running_mean)
+
+    def extra_repr(self) -> str:
+        act = self.activation
+        name = act.name + "".join(f", {k}={v}" for k, v in act.params.items())
+        parts = [name]
+        if self.num_features is not None:
+            parts.append(f"num_features={self.num_features}, channel_dim={self.channel_dim}")
+        parts.append(
+            f"momentum={self.momentum}, bounds={self.bounds}, beta={self.beta}, "
+            f"center={self.center}, eps={self.eps}"
+        )
+        if not self.track_running_stats:
+            parts.append("track_running_stats=False")
+        return ", ".join(parts)
+
+
+def _named(name: str, doc: str) -> type[NormalizedActivation]:
+    def __init__(self, num_features: int | None = None, **kwargs: Any) -> None:
+        NormalizedActivation.__init__(self, name, num_features, **kwargs)
+
+    cls = type(
+        f"N{doc}",
+        (NormalizedActivation,),
+        {
+            "__init__": __init__,
+            "__doc__": f"Normalized {doc} (eq. 15 with δ = {name}); "
+            "takes the keyword arguments of :class:`NormalizedActivation`.",
+            "__module__": __name__,
+        },
+    )
+    cls.__init__.__qualname__ = f"{cls.__name__}.__init__"
+    return cls
+
+
+NReLU = _named("relu", "ReLU")
+NSwish = _named("swish", "Swish")
+NTanh = _named("tanh", "Tanh")
+NELU = _named("elu", "ELU")
+NGELU = _named("gelu", "GELU")
+NMish = _named("mish", "Mish")
+NSoftplus = _named("softplus", "Softplus")
+
+
+class NLReLU(NormalizedActivation):
+    """Normalized LeakyReLU (eq. 15 with δ = LeakyReLU(negative_slope))."""
+
+    def __init__(
+        self, num_features: int | None = None, negative_slope: float = 0.01, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            "lrelu", num_features, activation_params={"negative_slope": negative_slope}, **kwargs
+        )
+
+
+# ---------------------------------------------------------------------------
+# GPN (Lu et al. 2020), the paper's baselines ReLU-GPN and LReLU-GPN.
+# ---------------------------------------------------------------------------
+
+
+def gpn_constants(activation: str | Activation, **params: Any) -> tuple[float, float]:
+    """(a, b) of the Gaussian-Poincaré normalized φ = a·(ψ + b), x ~ N(0, 1).
+
+    a = 1/sqrt(E[ψ'²]); b is the root of smaller |b| of
+    b² + 2b·E[ψ] + E[ψ²] − E[ψ'²] = 0, so that E[φ²] = E[φ'²] = 1.
+    """
+    act = resolve_activation(activation, **params)
+    mean, second, dsq = (
+        float(v)
+        for v in gaussian_expectation(
+            [act.fn, lambda x: act.fn(x).square(), lambda x: act.derivative(x).square()],
+            1.0,
+            act.kinks,
+        )
+    )
+    if not dsq > 0:
+        raise ValueError(f"{act!r} has E[ψ'²] = 0 under N(0, 1); it cannot be GPN-normalized")
+    disc = mean * mean - second + dsq
+    if disc < 0:
+        raise ValueError(
+            f"{act!r} has no real GPN shift b: E[ψ]² − E[ψ²] + E[ψ'²] = {disc:.3g} < 0"
+        )
+    root = math.sqrt(disc)
+    # quadrature is exact to ~1e-15: treat values at that level as exact zeros
+    if abs(mean) < 1e-12:
+        mean = 0.0
+    b = -mean + root if mean >= 0 else -mean - root
+    if abs(b) < 1e-12:
+        b = 0.0
+    return 1.0 / math.sqrt(dsq), b
+
+
+class GPN(nn.Module):
+    """Gaussian-Poincaré normalized activation φ(x) = a·(ψ(x) + b) (Lu et al. 2020).
+
+    ``GPN("relu")`` is √2·ReLU; ``GPN("lrelu")`` ≈ 1.4141·LeakyReLU(0.01).
+    Shape: any input; output of the same shape and dtype.
+    """
+
+    def __init__(self, activation: str | Activation, **params: Any) -> None:
+        super().__init__()
+        self.activation = resolve_activation(activation, **params)
+        self.a, self.b = gpn_constants(self.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.activation.fn(x)
+        if self.b != 0.0:
+            y = y + self.b
+        return self.a * y
+
+    def extra_repr(self) -> str:
+        return f"{self.activation.name}, a={self.a:.6f}, b={self.b:.6f}"
+
+
+# ---------------------------------------------------------------------------
+# LayerAct (shared/papers/layeract.md): y = x · s(n), n = layer-normalized x.
+# ---------------------------------------------------------------------------
+
+
+def _hard_gate(n: Tensor) -> tuple[Tensor, Tensor]:
+    g = (n / 6 + 0.5).clamp(0, 1)
+    dg = ((n > -3) & (n < 3)).to(n.dtype) / 6
+    return g, dg
+
+
+def _sigmoid_gate(n: Tensor) -> tuple[Tensor, Tensor]:
+    g = torch.sigmoid(n)
+    return g, g * (1 - g)
+
+
+_GATES = {"sigmoid": _sigmoid_gate, "hard": _hard_gate}
+
+
+class _LayerActFn(torch.autograd.Function):
+    """y = x·g(n), n = (x − m)/sqrt(v + eps) per sample; saves only x.
+
+    With u = grad·x·g'(n) and σ = sqrt(v + eps), the exact input gradient is
+    grad·g(n) + (u − mean(u) − n·mean(u·n))/σ (LayerNorm's backward on u).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor, list[int]]:
+        dims = list(range(1, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+        sigma = torch.sqrt(var + eps)
+        return (x - mean) / sigma, sigma, dims
+
+    @staticmethod
+    def forward(x, gate, eps):  # type: ignore[override]
+        n, _, _ = _LayerActFn._normalize(x, eps)
+        return x * _GATES[gate](n)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gate, eps = inputs
+        ctx.save_for_backward(x)
+        ctx.gate, ctx.eps = gate, eps
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        n, sigma, dims = _LayerActFn._normalize(x, ctx.eps)
+        g, dg = _GATES[ctx.gate](n)
+        u = grad * x * dg
+        mean_u = u.mean(dim=dims, keepdim=True)
+        mean_un = (u * n).mean(dim=dims, keepdim=True)
+        return grad * g + (u - mean_u - n * mean_un) / sigma, None, None
+
+
+class _LayerAct(nn.Module):
+    _gate = "sigmoid"
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(
+                f"LayerAct normalizes each sample over its non-batch dimensions; expected an "
+                f"input of shape (N, ...) with at least 2 dimensions, got {tuple(x.shape)}"
+            )
+        return _LayerActFn.apply(x, self._gate, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class LASiLU(_LayerAct):
+    """LayerAct SiLU: x·sigmoid(n), n = x normalized per sample over all non-batch dims.
+
+    Shape: (N, *) → (N, *). No running statistics: train and eval are the same.
+    """
+
+    _gate = "sigmoid"
+
+
+class LAHardSiLU(_LayerAct):
+    """LayerAct HardSiLU: x·clip(n/6 + 1/2, 0, 1), n as in :class:`LASiLU`.
+
+    Shape: (N, *) → (N, *).
+    """
+
+    _gate = "hard"
