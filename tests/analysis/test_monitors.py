@@ -1,0 +1,331 @@
+"""ConvergenceMonitor against a direct float64 computation on the captured pre-activations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import anact
+from anact.analysis import ConvergenceMonitor, activation_of, weight_mean_abs_sum
+
+# independent float64 formulas of δ and δ' (numpy), keyed by registry name
+_NP = {
+    "relu": (lambda x, p: np.maximum(x, 0), lambda x, p: (x > 0).astype(float)),
+    "lrelu": (
+        lambda x, p: np.where(x > 0, x, p["negative_slope"] * x),
+        lambda x, p: np.where(x > 0, 1.0, p["negative_slope"]),
+    ),
+    "tanh": (lambda x, p: np.tanh(x), lambda x, p: 1 - np.tanh(x) ** 2),
+    "elu": (
+        lambda x, p: np.where(x > 0, x, p["alpha"] * np.expm1(np.minimum(x, 0))),
+        lambda x, p: np.where(x > 0, 1.0, p["alpha"] * np.exp(np.minimum(x, 0))),
+    ),
+    "swish": (
+        lambda x, p: x / (1 + np.exp(-x)),
+        lambda x, p: 1 / (1 + np.exp(-x)) * (1 + x * (1 - 1 / (1 + np.exp(-x)))),
+    ),
+}
+
+
+class Capture:
+    """Records each activation layer's input and output in float64 (pre-hook: before in-place)."""
+
+    def __init__(self, model):
+        self.inputs, self.outputs, self.handles = {}, {}, []
+        for name, m in model.named_modules():
+            if activation_of(m) is None:
+                continue
+            self.handles.append(m.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(m.register_forward_hook(self._post(name)))
+
+    def _pre(self, name):
+        def hook(m, args):
+            self.inputs[name] = args[0].detach().double().numpy().copy()
+        return hook
+
+    def _post(self, name):
+        def hook(m, args, out):
+            self.outputs[name] = out.detach().double().numpy().copy()
+        return hook
+
+
+def _expected_plain(x, act):
+    f, df = _NP[act.name]
+    d, dd = f(x, act.params), df(x, act.params)
+    return d.var() / x.var(), np.mean(dd**2)
+
+
+def _score(pairs):
+    return sum((abs(math.log(r)) + abs(math.log(rp))) / 2 for r, rp in pairs)  # eq. 22
+
+
+def _train_steps(model, mon, cap, steps=3, n_in=5, seed=0, forward=None):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    captured = []
+    for _ in range(steps):
+        x = torch.randn(64, n_in, generator=g) * 1.5 + 0.3
+        out = model(x) if forward is None else forward(model, x)
+        loss = out.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec = mon.step()
+        w64 = sum(
+            abs(m.weight.detach().double().mean().item())
+            for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)
+        )
+        captured.append((rec, dict(cap.inputs), dict(cap.outputs), w64))
+    return captured
+
+
+def test_plain_model_matches_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.ReLU(),
+        nn.Linear(16, 16), nn.LeakyReLU(0.2),
+        nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 16), nn.ELU(alpha=0.7),
+        nn.Linear(16, 16), nn.SiLU(),
+        nn.Linear(16, 3),
+    )
+    cap = Capture(model)
+    with ConvergenceMonitor(model) as mon:
+        assert [a.name for a in mon.layers.values()] == ["relu", "lrelu", "tanh", "elu", "swish"]
+        captured = _train_steps(model, mon, cap)
+        scores = []
+        for rec, ins, outs, w64 in captured:
+            pairs = []
+            for name, act in mon.layers.items():
+                x, y = ins[name], outs[name]
+                rho, rho_p = _expected_plain(x, act)
+                got = rec["layers"][name]
+                np.testing.assert_allclose(got["rho"], rho, rtol=1e-4)
+                np.testing.assert_allclose(got["rho_prime"], rho_p, rtol=1e-4)
+                # a plain layer is its bare δ: the same numbers
+                np.testing.assert_allclose(got["delta_rho"], rho, rtol=1e-4)
+                np.testing.assert_allclose(got["lam"], math.sqrt((rho + rho_p) / (2 * rho * rho_p)),
+                                           rtol=1e-4)
+                np.testing.assert_allclose(got["in_mean"], x.mean(), rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(got["in_var"], x.var(), rtol=1e-4)
+                np.testing.assert_allclose(got["out_mean"], y.mean(), rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(got["out_var"], y.var(), rtol=1e-4)
+                pairs.append((rho, rho_p))
+            scores.append(_score(pairs))
+            np.testing.assert_allclose(rec["score"], scores[-1], rtol=1e-4)
+            np.testing.assert_allclose(rec["weight_mean_abs_sum"], w64, rtol=1e-5)
+        summ = mon.epoch_summary()
+        assert summ["steps"] == 3
+        np.testing.assert_allclose(summ["score"], np.mean(scores), rtol=1e-4)
+        np.testing.assert_allclose(
+            summ["weight_mean_abs_sum"], np.mean([c[3] for c in captured]), rtol=1e-5
+        )
+        first = next(iter(mon.layers))
+        np.testing.assert_allclose(
+            summ["layers"][first]["rho"],
+            np.mean([_expected_plain(c[1][first], mon.layers[first])[0] for c in captured]),
+            rtol=1e-4,
+        )
+    for h in cap.handles:
+        h.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "module,name,params",
+    [
+        (nn.ReLU(), "relu", {}),
+        (nn.SiLU(), "swish", {}),
+        (nn.Tanh(), "tanh", {}),
+        (nn.LeakyReLU(0.3), "lrelu", {"negative_slope": 0.3}),
+        (nn.ELU(alpha=0.5), "elu", {"alpha": 0.5}),
+        (nn.SELU(), "selu", {}),
+        (nn.GELU(), "gelu", {}),
+        (nn.Mish(), "mish", {}),
+        (nn.Softplus(beta=2.0, threshold=5.0), "softplus", {"beta": 2.0, "threshold": 5.0}),
+        (nn.Hardswish(), "hardswish", {}),
+        (nn.Sigmoid(), "sigmoid", {}),
+    ],
+)
+def test_plain_modules_are_recognised_with_their_parameters(module, name, params):
+    act = activation_of(module)
+    assert act.name == name and act.params == params
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    torch.testing.assert_close(act.fn(x), module(x))
+
+
+def test_non_activations_are_ignored():
+    for m in (nn.Linear(2, 2), nn.Identity(), nn.BatchNorm1d(3), nn.Dropout()):
+        assert activation_of(m) is None
+    mon = ConvergenceMonitor(nn.Sequential(nn.Linear(2, 2)))
+    assert mon.layers == {}
+
+
+def test_inplace_relu_reads_the_input_before_it_is_overwritten():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 32), nn.ReLU(inplace=True), nn.Linear(32, 2))
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model)
+    ((rec, ins, outs, _),) = _train_steps(model, mon, cap, steps=1)
+    x = ins["1"]
+    assert (x < 0).any()
+    rho, rho_p = _expected_plain(x, mon.layers["1"])
+    np.testing.assert_allclose(rec["layers"]["1"]["rho"], rho, rtol=1e-4)
+    np.testing.assert_allclose(rec["layers"]["1"]["rho_prime"], rho_p, rtol=1e-4)
+    np.testing.assert_allclose(rec["layers"]["1"]["in_mean"], x.mean(), rtol=1e-4)
+    mon.remove()
+
+
+def test_normalized_and_gpn_layers_use_their_scale():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(5, 32), anact.NReLU(),
+        nn.Linear(32, 32), anact.GPN("swish"),
+        nn.Linear(32, 32), anact.NSwish(center=False),
+        nn.Linear(32, 2),
+    )
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model)
+    assert [(n, a.name) for n, a in mon.layers.items()] == [
+        ("1", "relu"), ("3", "swish"), ("5", "swish")
+    ]
+    captured = _train_steps(model, mon, cap, steps=3)
+    for rec, ins, outs, _ in captured:
+        pairs = []
+        for name, act in mon.layers.items():
+            x, y = ins[name], outs[name]
+            f, df = _NP[act.name]
+            d, dd = f(x, act.params), df(x, act.params)
+            # the layer computes c·(δ(x) − shift) with a constant c: c² = Var[y]/Var[δ(x)]
+            c2 = y.var() / d.var()
+            rho, rho_p = y.var() / x.var(), c2 * np.mean(dd**2)  # eq. 5-6 of the whole layer
+            got = rec["layers"][name]
+            np.testing.assert_allclose(got["rho"], rho, rtol=1e-4)
+            np.testing.assert_allclose(got["rho_prime"], rho_p, rtol=1e-4)
+            np.testing.assert_allclose(got["delta_rho"], d.var() / x.var(), rtol=1e-4)
+            np.testing.assert_allclose(got["delta_rho_prime"], np.mean(dd**2), rtol=1e-4)
+            pairs.append((rho, rho_p))
+        np.testing.assert_allclose(rec["score"], _score(pairs), rtol=1e-4)
+    gpn = captured[-1][0]["layers"]["3"]
+    np.testing.assert_allclose(
+        gpn["rho_prime"] / gpn["delta_rho_prime"], model[3].a ** 2, rtol=1e-5
+    )
+
+
+def test_channelwise_normalized_activation():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), anact.NReLU(4, channel_dim=1), nn.Conv2d(4, 1, 1)
+    )
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(8, 2, 6, 6) + 0.5).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        rec = mon.step()
+    x, y = cap.inputs["1"], cap.outputs["1"]
+    d, dd = np.maximum(x, 0), (x > 0).astype(float)
+    # per-channel c_k: c_k² = Var_k[y] / Var_k[δ(x)]
+    c = np.sqrt(y.var(axis=(0, 2, 3)) / d.var(axis=(0, 2, 3)))[None, :, None, None]
+    assert np.ptp(c) > 1e-3  # the channels really have different scales
+    got = rec["layers"]["1"]
+    np.testing.assert_allclose(got["rho"], (c * d).var() / x.var(), rtol=1e-4)
+    np.testing.assert_allclose(got["rho_prime"], np.mean((c * dd) ** 2), rtol=1e-4)
+    w64 = sum(abs(m.weight.detach().double().mean().item()) for m in (model[0], model[2]))
+    np.testing.assert_allclose(rec["weight_mean_abs_sum"], w64, rtol=1e-5)
+    mon.remove()
+
+
+def test_mask_of_a_normalized_activation_is_used():
+    torch.manual_seed(4)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 8)
+            self.act = anact.NReLU()
+
+        def forward(self, x, mask):
+            return self.act(self.lin(x), mask=mask)
+
+    net = Net()
+    x = torch.randn(4, 10, 3)
+    mask = torch.zeros(4, 10, 1, dtype=torch.bool)
+    mask[:, :6] = True
+    x[~mask.expand_as(x)] = 50.0  # padding: wild values that must not enter the statistics
+    with torch.no_grad():
+        h = net.lin(x).double().numpy()
+    mon = ConvergenceMonitor(net)
+    out = net(x, mask).detach().double().numpy()
+    rec = mon.step()
+    m = np.broadcast_to(mask.numpy(), h.shape)
+    hx, y = h[m], out[m]
+    d, dd = np.maximum(hx, 0), (hx > 0).astype(float)
+    c2 = y.var() / d.var()
+    got = rec["layers"]["act"]
+    np.testing.assert_allclose(got["rho"], y.var() / hx.var(), rtol=1e-4)
+    np.testing.assert_allclose(got["rho_prime"], c2 * np.mean(dd**2), rtol=1e-4)
+    np.testing.assert_allclose(got["in_mean"], hx.mean(), rtol=1e-4)
+    np.testing.assert_allclose(got["out_var"], y.var(), rtol=1e-4)
+
+
+def test_eval_passes_reset_remove_and_errors():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
+    mon = ConvergenceMonitor(model)
+    with pytest.raises(RuntimeError, match="no monitored activation layer"):
+        mon.step()
+    model.eval()
+    model(torch.randn(16, 3))
+    with pytest.raises(RuntimeError):
+        mon.step()  # eval forward passes are not recorded
+    model.train()
+    model(torch.randn(16, 3))
+    mon.step()
+    assert mon.epoch_summary()["steps"] == 1
+    assert mon.epoch_summary(reset=True)["steps"] == 1
+    summ = mon.epoch_summary()
+    assert summ["steps"] == 0 and math.isnan(summ["score"])
+    model(torch.randn(16, 3))
+    mon.reset()
+    with pytest.raises(RuntimeError):
+        mon.step()  # reset also drops the unclosed forward pass
+    mon.remove()
+    assert not model[1]._forward_hooks
+    model(torch.randn(16, 3))
+    assert mon.history == []
+    with pytest.raises(TypeError, match="nn.Module"):
+        ConvergenceMonitor(lambda x: x)
+
+
+def test_forward_passes_within_a_step_are_averaged():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model)
+    rhos = []
+    for k in range(2):
+        model(torch.randn(32, 3) * (1 + k) + k)
+        rhos.append(_expected_plain(cap.inputs["1"], mon.layers["1"]))
+    rec = mon.step()
+    np.testing.assert_allclose(rec["layers"]["1"]["rho"], np.mean([r[0] for r in rhos]), rtol=1e-4)
+    np.testing.assert_allclose(
+        rec["layers"]["1"]["rho_prime"], np.mean([r[1] for r in rhos]), rtol=1e-4
+    )
+
+
+def test_weight_mean_abs_sum_float64():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2),
+                          nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[3].weight.add_(0.2)  # a weight matrix with a clearly nonzero mean
+    expected = sum(
+        abs(w.detach().double().mean().item()) for w in (model[0].weight, model[3].weight)
+    )
+    np.testing.assert_allclose(weight_mean_abs_sum(model), expected, rtol=1e-6)
+    assert weight_mean_abs_sum(nn.ReLU()) == 0.0
