@@ -15,6 +15,15 @@ from anact.activations import (
     register_activation,
     resolve_activation,
 )
+from anact.convert import (
+    ConversionError,
+    ConversionReport,
+    FoldedActivation,
+    SyncNormalizedActivation,
+    convert,
+    convert_sync,
+    fold,
+)
 from anact.modules import (
     GPN,
     LAHardSiLU,
@@ -53,4 +62,11 @@ __all__ = [
     "list_activations",
     "register_activation",
     "resolve_activation",
+    "ConversionError",
+    "ConversionReport",
+    "FoldedActivation",
+    "SyncNormalizedActivation",
+    "convert",
+    "convert_sync",
+    "fold",
 ]

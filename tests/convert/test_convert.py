@@ -1,0 +1,236 @@
+"""anact.convert: call-site conversion with the paper's three rules."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import anact
+from anact.convert import ConversionError, FeatureBatchNorm
+
+from .models import FunctionalNet, ResNet, Untraceable, resnet50_cifar100
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    torch.manual_seed(0)
+    return resnet50_cifar100()
+
+
+def test_resnet50_parameter_counts_match_the_paper(resnet50):
+    # section 3.3: 23,705,252 parameters plain, 23,690,053 normalized (15,199 fewer)
+    assert n_params(resnet50) == 23_705_252
+    conv, report = anact.convert(resnet50, return_report=True)
+    assert n_params(conv) == 23_690_053
+    assert (report.params_before, report.params_after) == (23_705_252, 23_690_053)
+    assert len(report.converted) == 1 + 2 * 16  # stem + two per bottleneck
+    assert len(report.skipped) == 16  # the activation after each addition
+    assert len(report.bn_affine_removed) == 33
+    assert report.buffer_bn.startswith("kept: layer4.2.bn3")
+    assert "23,705,252 -> 23,690,053 (-15,199)" in str(report)
+    assert conv.anact_report is report
+    # the original is untouched
+    assert n_params(resnet50) == 23_705_252 and resnet50.layer1[0].bn1.affine
+
+
+def test_resnet50_rule_switches(resnet50):
+    # rule 1 off: only the 33 α parameters are added
+    conv = anact.convert(resnet50, remove_bn_affine=False)
+    assert n_params(conv) == 23_705_252 + 33
+    # rule 3 off: the 16 activations after the additions are converted too
+    conv, rep = anact.convert(resnet50, skip_after_residual_add=False, return_report=True)
+    assert len(rep.converted) == 49 and not rep.skipped
+    assert n_params(conv) == 23_690_053 + 16
+
+
+def test_shared_relu_gets_one_module_per_converted_call_site():
+    torch.manual_seed(0)
+    model = ResNet((1, 1, 1, 1), num_classes=10, width=8)
+    conv = anact.convert(model)
+    assert isinstance(conv, fx.GraphModule)
+    modules = dict(conv.named_modules())
+    normalized = [n for n in conv.graph.nodes if n.op == "call_module"
+                  and isinstance(modules[n.target], anact.NormalizedActivation)]
+    plain = [n for n in conv.graph.nodes if n.op == "call_module"
+             and isinstance(modules[n.target], nn.ReLU)]
+    assert len(normalized) == 9 and len({n.target for n in normalized}) == 9
+    assert len(plain) == 4
+    for n in normalized:  # rule 1's BN is right before each converted call
+        bn = modules[n.args[0].target]
+        assert isinstance(bn, nn.BatchNorm2d) and not bn.affine and bn.weight is None
+    for n in plain:  # rule 3: the unconverted calls follow the residual additions
+        assert n.args[0].op == "call_function" and n.args[0].target in (operator.add,
+                                                                         operator.iadd)
+        assert n.target.endswith(".relu")
+    assert {"layer1.0.relu1", "layer1.0.relu2", "layer1.0.relu"} <= set(modules)
+
+
+def _identity_stats(model: nn.Module) -> None:
+    # ρ = ρ' = 1, μ = 0, α = 0 -> λ = 1: the normalized activation is δ itself
+    for m in model.modules():
+        if isinstance(m, anact.NormalizedActivation):
+            m.reset_parameters()
+
+
+def test_converted_resnet_computes_the_same_graph():
+    torch.manual_seed(0)
+    model = ResNet((1, 1, 1, 1), num_classes=10, width=8).double().eval()
+    conv = anact.convert(model).eval()
+    _identity_stats(conv)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    # freshly initialised BN affine is the identity, so both compute the same function
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-12, atol=1e-12)
+    # and with statistics, the converted sites compute c·(δ − μ)
+    for m in conv.modules():
+        if isinstance(m, anact.NormalizedActivation):
+            m.running_mean.fill_(0.25)
+    assert not torch.allclose(conv(x), model(x))
+
+
+def _ref_functional(model: FunctionalNet, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float64 reference of the converted FunctionalNet, written out by hand."""
+    mods = dict(conv.named_modules())
+    acts = [m for m in mods.values() if isinstance(m, anact.NormalizedActivation)]
+    assert len(acts) == 5
+
+    def norm(name: str, fn, z: torch.Tensor) -> torch.Tensor:
+        m = mods[name]
+        c = anact.functional.lambda_factor(m.running_rho.double(), m.running_rho_prime.double())
+        c = c + 0.3 * torch.tanh(m.alpha.double())
+        return c * (fn(z) - m.running_mean.double())
+
+    bn = model.bn1
+    z = (model.fc1(x) - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)  # affine removed
+    h = norm("relu", F.relu, z)
+    h = norm("tanh", torch.tanh, model.fc2(h)) * torch.sigmoid(h)
+    h = norm("silu", F.silu, model.fc3(h))
+    h = norm("relu_1", F.relu, model.fc4(h))
+    h = norm("act", lambda t: F.leaky_relu(t, 0.2), h)
+    buf = mods["head_buffer_bn"]
+    h = (h - buf.running_mean) / torch.sqrt(buf.running_var + buf.eps)
+    return model.head(h)
+
+
+def test_functional_calls_are_converted_and_match_a_hand_written_reference():
+    torch.manual_seed(0)
+    model = FunctionalNet().double()
+    with torch.no_grad():
+        model.bn1.weight.fill_(1.7)  # a trained affine: removed by rule 1, with a note
+    conv, report = anact.convert(model, return_report=True)
+    kinds = sorted(s.activation for s in report.converted)
+    assert kinds == ["lrelu", "relu", "relu", "swish", "tanh"]
+    assert [s.activation for s in report.skipped] == []  # sigmoid is not a default source
+    assert report.bn_affine_removed == ["bn1"]
+    assert any("trained affine" in n for n in report.notes)
+    assert report.buffer_bn.startswith("inserted head_buffer_bn")
+    assert isinstance(conv.head_buffer_bn, FeatureBatchNorm)
+    assert conv.act.activation.params == {"negative_slope": 0.2}  # the site's own δ
+    # train a few steps so that statistics are not trivial, then compare in eval
+    x = torch.randn(32, 6, dtype=torch.float64)
+    conv.train()
+    for _ in range(3):
+        conv(x + 0.1 * torch.randn_like(x))
+    conv.eval()
+    with torch.no_grad():
+        model.bn1.running_mean.copy_(conv.bn1.running_mean)
+        model.bn1.running_var.copy_(conv.bn1.running_var)
+        for name in ("fc1", "fc2", "fc3", "fc4", "head"):
+            getattr(model, name).load_state_dict(getattr(conv, name).state_dict())
+        ref = _ref_functional(model, conv, x)
+    torch.testing.assert_close(conv(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_named_activation_and_source_selection():
+    model = FunctionalNet()
+    conv, rep = anact.convert(model, "swish", source=["relu"], return_report=True)
+    assert len(rep.converted) == 2
+    assert all(m.activation.name == "swish" for m in conv.modules()
+               if isinstance(m, anact.NormalizedActivation))
+    conv, rep = anact.convert(model, source="all", return_report=True)
+    assert len(rep.converted) == 6  # the sigmoid gate too
+    with pytest.raises(KeyError, match="unknown activation"):
+        anact.convert(model, source="nope")
+
+
+def test_kwargs_reach_the_modules_and_per_channel_finds_num_features():
+    model = FunctionalNet()
+    conv = anact.convert(model, channel_dim=1, momentum=0.2, beta=0.1,
+                         example_inputs=(torch.randn(4, 6),))
+    acts = [m for m in conv.modules() if isinstance(m, anact.NormalizedActivation)]
+    assert all(m.num_features == 6 and m.momentum == 0.2 and m.beta == 0.1 for m in acts)
+    with pytest.raises(TypeError, match="num_features differs per call site"):
+        anact.convert(model, num_features=6)
+
+
+def test_gelu_tanh_approximation_is_skipped_with_a_reason():
+    model = nn.Sequential(nn.Linear(3, 3), nn.GELU(approximate="tanh"), nn.Linear(3, 2))
+    _, rep = anact.convert(model, return_report=True)
+    assert rep.skipped and "not the exact GELU" in rep.skipped[0].reason
+
+
+def test_untraceable_model_gives_a_clear_error_and_modules_mode_works():
+    torch.manual_seed(0)
+    model = Untraceable()
+    with pytest.raises(ConversionError, match="mode='modules'"):
+        anact.convert(model)
+    with pytest.raises(ConversionError, match="needs example_inputs"):
+        anact.convert(model, mode="modules")
+    x = torch.randn(8, 4)
+    conv, rep = anact.convert(model, mode="modules", example_inputs=(x,), return_report=True)
+    assert type(conv) is Untraceable
+    assert isinstance(conv.act1, anact.NormalizedActivation)
+    assert isinstance(conv.act2, anact.NormalizedActivation)
+    assert rep.bn_affine_removed == ["bn"] and conv.bn.weight is None
+    assert rep.buffer_bn.startswith("inserted")
+    assert isinstance(conv.head, nn.Sequential) and isinstance(conv.head[1], nn.Linear)
+    assert n_params(conv) == n_params(model) - 8 + 2
+    conv(x)
+
+
+def test_modules_mode_skips_shared_and_post_addition_activations():
+    torch.manual_seed(0)
+    model = ResNet((1, 1, 1, 1), num_classes=10, width=8)
+    conv, rep = anact.convert(model, mode="modules", example_inputs=(torch.randn(2, 3, 8, 8),),
+                              return_report=True)
+    assert [s.site for s in rep.converted] == ["relu"]  # the stem's relu, called once
+    assert all("called 3 times" in s.reason for s in rep.skipped)
+    assert rep.bn_affine_removed == ["bn1"]
+
+
+def test_post_addition_detection_in_modules_mode():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.a1 = nn.ReLU()
+            self.a2 = nn.ReLU()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a1(self.fc(x))
+            return self.head(self.a2(h + x))
+
+    x = torch.randn(3, 4, requires_grad=True)
+    _, rep = anact.convert(Res(), mode="modules", example_inputs=(x,), return_report=True)
+    assert [s.site for s in rep.converted] == ["a1"]
+    assert "element-wise addition" in rep.skipped[0].reason
+    _, rep = anact.convert(Res(), return_report=True)  # graph mode agrees
+    assert [s.site for s in rep.converted] == ["a1"]
+
+
+def test_buffer_bn_for_sequence_inputs():
+    bn = FeatureBatchNorm(5)
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    bn.double().train()
+    y = bn(x)
+    flat = x.reshape(-1, 5)
+    ref = (flat - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + bn.eps)
+    torch.testing.assert_close(y, ref.reshape(3, 7, 5))
