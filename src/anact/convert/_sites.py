@@ -83,11 +83,26 @@ class Site:
     unsupported: str | None = None  # why δ cannot be expressed by the registry
 
 
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dimension of an (N, ..., F) input (the buffer BN of rule 2).
+
+    ``nn.BatchNorm1d`` takes (N, F) or (N, F, L); a Linear head takes (N, ..., F):
+    this flattens the leading dimensions so that both (N, F) and (N, L, F) work.
+    Shape: (N, ..., F) -> (N, ..., F). Default ``affine=False``.
+    """
+
+    def __init__(self, num_features: int, affine: bool = False, **kwargs: Any) -> None:
+        super().__init__(num_features, affine=affine, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 class Tracer(fx.Tracer):
     """fx tracer that keeps anact's own modules as leaves (their state is opaque)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (NormalizedActivation, GPN, _LayerAct)):
+        if isinstance(m, (NormalizedActivation, GPN, _LayerAct, FeatureBatchNorm)):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -26,6 +26,7 @@ from anact.convert._sites import (
     HEADS,
     METHOD_KINDS,
     MODULE_KINDS,
+    FeatureBatchNorm,
     Site,
     Tracer,
     find_site,
@@ -454,23 +455,6 @@ def _apply_buffer_bn(gm: fx.GraphModule, graph: fx.Graph) -> str:
         bn = graph.call_module(name, (head.args[0],))
     head.args = (bn, *head.args[1:])
     return f"inserted {name} (affine=False) between {last.target} and the head {head.target}"
-
-
-class FeatureBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the last dimension of an (N, ..., F) input (the buffer BN of rule 2).
-
-    ``nn.BatchNorm1d`` takes (N, F) or (N, F, L); a Linear head takes (N, ..., F):
-    this flattens the leading dimensions so that both (N, F) and (N, L, F) work.
-    Shape: (N, ..., F) -> (N, ..., F). Default ``affine=False``.
-    """
-
-    def __init__(self, num_features: int, affine: bool = False, **kwargs: Any) -> None:
-        super().__init__(num_features, affine=affine, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return super().forward(x)
-        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from anact.activations import Activation
-from anact.convert._sites import Tracer
+from anact.convert._sites import BATCHNORMS, FeatureBatchNorm, Tracer
 from anact.modules import NormalizedActivation
 
 __all__ = ["FoldedActivation", "fold"]
@@ -105,77 +105,138 @@ def _ndim(node: fx.Node) -> int | None:
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _try_fold(gm: fx.GraphModule, node: fx.Node, m: NormalizedActivation,
-              modules: dict[str, nn.Module], calls: dict[str, int]) -> tuple[str, bool]:
-    """Fold c (and μ when possible) into the next layer. Returns (what happened, shift folded)."""
-    chain, cur, flat = [], node, False
-    while True:
-        if len(cur.users) != 1:
-            return "kept: output used more than once", False
-        nxt = next(iter(cur.users))
-        if not nxt.args or nxt.args[0] is not cur:
-            return "kept: next op does not take it as input", False
-        kind = _is_passthrough(nxt, modules)
-        if kind is None:
-            break
-        flat = flat or kind == "flatten"
-        chain.append(nxt)
-        cur = nxt
-    layer = modules.get(nxt.target) if nxt.op == "call_module" else None
-    if not isinstance(layer, (nn.Linear, *_CONVS)):
-        return "kept: next op is not a Linear/Conv", False
-    if calls.get(nxt.target, 0) != 1:
-        return f"kept: {nxt.target} is called more than once", False
-    c = m.scale().detach().double()
-    mu = m.shift().detach().double()
+def _consumers(node: fx.Node, modules: dict[str, nn.Module]
+               ) -> tuple[list[tuple[fx.Node, bool]], str]:
+    """The Linear/Conv calls that take ``node``'s output (through pass-through ops).
+
+    Returns ``([(layer node, flattened on the way), ...], "")`` or ``([], why not)``.
+    """
+    out: list[tuple[fx.Node, bool]] = []
+    stack = [(node, False)]
+    while stack:
+        cur, flat = stack.pop()
+        if not cur.users:
+            return [], "kept: its output is a model output"
+        for nxt in cur.users:
+            if not nxt.args or nxt.args[0] is not cur or cur in nxt.args[1:]:
+                return [], f"kept: {nxt.name} does not take it as its input only"
+            kind = _is_passthrough(nxt, modules)
+            if kind is not None:
+                stack.append((nxt, flat or kind == "flatten"))
+            elif nxt.op == "call_module" and isinstance(modules.get(nxt.target),
+                                                         (nn.Linear, *_CONVS)):
+                out.append((nxt, flat))
+            else:
+                return [], f"kept: its output feeds {nxt.name}, not a Linear/Conv"
+    return out, ""
+
+
+def _fold_into(layer: nn.Module, c: Tensor, mu: Tensor, cd: int | None, flat: bool,
+               ndim_in: int | None) -> tuple[Tensor, Tensor] | str:
+    """(new weight, bias change) in float64 for W·c and −W·c·μ, or why not."""
     w = layer.weight.detach().double()
-    ndim_in = _ndim(node.args[0]) if node.args else None
-    cd = m.channel_dim
     if c.dim() == 1:
         if isinstance(layer, _CONVS):
             conv_nd = w.dim() - 2
             if flat or cd not in (1, -(conv_nd + 1)):
-                return "kept: channels are not the Conv's input channels", False
-            groups = layer.groups
-            cin_g = w.shape[1]
-            cw = c.reshape(groups, 1, cin_g)
-            mw = mu.reshape(groups, 1, cin_g)
+                return "kept: its channels are not the Conv's input channels"
+            groups, cin_g = layer.groups, w.shape[1]
             extra = (1,) * conv_nd
+            cw = c.reshape(groups, 1, cin_g, *extra)  # input channel g·cin_g + j
+            mw = mu.reshape(groups, 1, cin_g, *extra)
             wv = w.reshape(groups, -1, cin_g, *w.shape[2:])
-            w_new = (wv * cw.reshape(*cw.shape, *extra)).reshape(w.shape)
-            bias_delta = (wv * (cw * mw).reshape(*cw.shape, *extra)).sum(
-                dim=tuple(range(2, wv.dim()))).reshape(-1)
-        else:
-            if flat:
-                if cd != 1:
-                    return "kept: flatten mixes dimensions other than the channels", False
-                reps = w.shape[1] // c.numel()
-                c, mu = c.repeat_interleave(reps), mu.repeat_interleave(reps)
-            elif not (cd == -1 or (ndim_in is not None and cd % ndim_in == ndim_in - 1)):
-                return ("kept: channel_dim is not the Linear's last dimension (pass "
-                        "example_inputs to fold if the input is 2-D)"), False
-            w_new = w * c
-            bias_delta = w_new @ mu
-    else:
+            w_new = (wv * cw).reshape(w.shape)
+            bias_delta = (wv * cw * mw).sum(dim=tuple(range(2, wv.dim()))).reshape(-1)
+            return w_new, bias_delta
+        if flat:
+            if cd != 1:
+                return "kept: flatten mixes dimensions other than the channels"
+            reps = w.shape[1] // c.numel()  # (N, C, *S) -> (N, C·S): channel-major
+            c, mu = c.repeat_interleave(reps), mu.repeat_interleave(reps)
+        elif not (cd == -1 or (ndim_in is not None and cd % ndim_in == ndim_in - 1)):
+            return ("kept: channel_dim is not the Linear's last dimension (pass "
+                    "example_inputs to fold if the input is 2-D)")
         w_new = w * c
-        dims = tuple(range(1, w.dim()))
-        bias_delta = w_new.sum(dim=dims) * mu
-    shift_ok = isinstance(layer, nn.Linear) or all(
-        p == 0 for p in (layer.padding if isinstance(layer.padding, tuple) else (1,))
-    ) or layer.padding == "valid"
-    if not m.center:
-        shift_ok = True
-        bias_delta = torch.zeros_like(bias_delta)
+        return w_new, w_new @ mu
+    w_new = w * c
+    return w_new, w_new.sum(dim=tuple(range(1, w.dim()))) * mu
+
+
+def _zero_padded(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return False
+    pad = layer.padding
+    return pad != "valid" and (isinstance(pad, str) or any(p != 0 for p in pad))
+
+
+def _try_fold_into_batchnorm(node: fx.Node, m: NormalizedActivation,
+                             modules: dict[str, nn.Module], calls: dict[str, int]) -> str:
+    """An eval BatchNorm right after: (c·(δ − μ) − m)/s = (δ − (μ + m/c))/(s/c)."""
+    if len(node.users) != 1:
+        return ""
+    nxt = next(iter(node.users))
+    bn = modules.get(nxt.target) if nxt.op == "call_module" else None
+    if not isinstance(bn, BATCHNORMS) or bn.running_mean is None or calls.get(nxt.target) != 1:
+        return ""
+    if nxt.args[0] is not node or len(nxt.args) > 1:
+        return ""
+    c = m.scale().detach().double()
+    mu = m.shift().detach().double()
+    if c.dim() == 1:
+        bn_dim = -1 if isinstance(bn, FeatureBatchNorm) else 1
+        ndim_in = _ndim(node.args[0]) if node.args else None
+        cd = m.channel_dim
+        same = cd == bn_dim or (ndim_in is not None and cd % ndim_in == bn_dim % ndim_in)
+        if not same:
+            return ""
+    if not bool((c > 0).all()):
+        return ""
+    var = bn.running_var.double()
+    new_var = (var + bn.eps) / c.square() - bn.eps
+    if not bool((new_var > 0).all()):
+        return ""
     with torch.no_grad():
-        layer.weight.copy_(w_new.to(layer.weight.dtype))
-        if shift_ok and bool((bias_delta != 0).any()):
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=layer.weight.dtype,
-                                                      device=layer.weight.device))
-            layer.bias.copy_((layer.bias.double() - bias_delta).to(layer.bias.dtype))
+        bn.running_mean.copy_((mu + bn.running_mean.double() / c).to(bn.running_mean.dtype))
+        bn.running_var.copy_(new_var.to(bn.running_var.dtype))
+    return f"folded scale and shift into the running statistics of {nxt.target}"
+
+
+def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Module],
+              calls: dict[str, int]) -> str:
+    """Fold c (and μ when exact) into the next layers; returns what happened."""
+    bn_note = _try_fold_into_batchnorm(node, m, modules, calls)
+    if bn_note:
+        return bn_note
+    targets, why = _consumers(node, modules)
+    if not targets:
+        return why
+    for t, _ in targets:
+        if calls.get(t.target, 0) != 1:
+            return f"kept: {t.target} is called more than once"
+    c = m.scale().detach().double()
+    mu = m.shift().detach().double()
+    ndim_in = _ndim(node.args[0]) if node.args else None
+    folds = []
+    for t, flat in targets:
+        res = _fold_into(modules[t.target], c, mu, m.channel_dim, flat, ndim_in)
+        if isinstance(res, str):
+            return res
+        folds.append((modules[t.target], *res))
+    # a zero-padded Conv pads c·(δ − μ) with zeros, not δ with μ: the shift cannot move
+    shift_ok = not m.center or not any(_zero_padded(layer) for layer, _, _ in folds)
+    with torch.no_grad():
+        for layer, w_new, bias_delta in folds:
+            layer.weight.copy_(w_new.to(layer.weight.dtype))
+            if shift_ok and m.center and bool((bias_delta != 0).any()):
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(torch.zeros(w_new.shape[0],
+                                                          dtype=layer.weight.dtype,
+                                                          device=layer.weight.device))
+                layer.bias.copy_((layer.bias.double() - bias_delta).to(layer.bias.dtype))
+    names = ", ".join(str(t.target) for t, _ in targets)
     if shift_ok:
-        return f"folded scale and shift into {nxt.target}", True
-    return f"folded scale into {nxt.target}; shift kept (zero padding of the Conv)", False
+        return f"folded scale and shift into {names}"
+    return f"folded scale into {names}; shift kept (zero padding of a Conv)"
 
 
 def fold(
@@ -228,7 +289,7 @@ def fold(
             report.append(f"{node.target}: not folded (track_running_stats=False uses "
                           "batch statistics in eval)")
             continue
-        what, _ = _try_fold(gm, node, m, modules, calls)
+        what = _try_fold(node, m, modules, calls)
         if what.startswith("folded scale and shift"):
             new: nn.Module = _plain(m.activation)
         elif what.startswith("folded scale"):

@@ -1,0 +1,162 @@
+"""anact.fold: eval-mode NormalizedActivation folded into the next layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import anact
+from anact.convert import FoldedActivation
+
+
+def _randomise(model: nn.Module, per_channel: bool, gen: torch.Generator) -> None:
+    """Non-trivial running statistics and α, as after training."""
+    for m in model.modules():
+        if isinstance(m, anact.NormalizedActivation):
+            shape = m.running_rho.shape
+            with torch.no_grad():
+                m.running_rho.copy_(0.3 + torch.rand(shape, generator=gen, dtype=torch.float64))
+                m.running_rho_prime.copy_(0.4 + torch.rand(shape, generator=gen,
+                                                           dtype=torch.float64))
+                m.running_mean.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
+                m.alpha.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
+                m.num_batches_tracked.fill_(5)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, per_channel: bool, dtype=torch.float64) -> None:
+        super().__init__()
+
+        def na(name, c):
+            kw = {"num_features": c, "channel_dim": 1} if per_channel else {}
+            return anact.NormalizedActivation(name, dtype=dtype, **kw)
+
+        self.c1 = nn.Conv2d(3, 8, 3, padding=0)
+        self.a1 = na("swish", 8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)  # padded: shift stays
+        self.a2 = na("relu", 8)
+        self.c3 = nn.Conv2d(8, 4, 1, groups=4)
+        self.a3 = na("lrelu", 4)
+        self.drop = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(4 * 4 * 4, 6)  # after flatten
+        self.a4 = na("tanh", 6)
+        self.fc2 = nn.Linear(6, 5)
+        self.a5 = na("gelu", 5)  # its output is used twice: kept as FoldedActivation
+
+    def forward(self, x):
+        h = self.a2(self.c2(self.a1(self.c1(x))))
+        h = self.drop(self.a3(self.c3(h)))
+        h = self.a4(self.fc1(torch.flatten(h, 1)))
+        h = self.a5(self.fc2(h))
+        return h + h.square()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fold_conv_net_matches_the_unfolded_model(per_channel):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = ConvNet(per_channel).double()
+    _randomise(model, per_channel, gen)
+    model.eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    folded, report = anact.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+    mods = dict(folded.named_modules())
+    # c2 is zero-padded: it takes the scale, the shift stays before it
+    assert isinstance(mods["a1"], FoldedActivation) and mods["a1"].scale is None
+    assert isinstance(mods["a2"], nn.ReLU)
+    assert isinstance(mods["a3"], nn.LeakyReLU)  # through Dropout and flatten into fc1
+    assert isinstance(mods["a4"], nn.Tanh)
+    assert isinstance(mods["a5"], FoldedActivation) and mods["a5"].scale is not None
+    assert not any(isinstance(m, anact.NormalizedActivation) for m in folded.modules())
+    assert len(report) == 5
+    # the original is unchanged
+    assert isinstance(model.a1, anact.NormalizedActivation)
+
+
+def test_padded_conv_keeps_the_shift():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1),
+                          anact.NormalizedActivation("relu", dtype=torch.float64),
+                          nn.Conv2d(3, 2, 3, padding=1)).double()
+    _randomise(model, False, gen)
+    model.eval()
+    folded, report = anact.fold(model, return_report=True)
+    assert "shift kept" in report[0]
+    m = folded.get_submodule("1")
+    assert isinstance(m, FoldedActivation) and m.scale is None and m.shift is not None
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_per_channel_linear_needs_example_inputs_for_channel_dim_1():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7),
+                          anact.NormalizedActivation("swish", 7, channel_dim=1,
+                                                     dtype=torch.float64),
+                          nn.Linear(7, 3, bias=False)).double()
+    _randomise(model, True, gen)
+    model.eval()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    kept, rep = anact.fold(model, return_report=True)
+    assert "pass example_inputs" in rep[0]
+    assert isinstance(kept.get_submodule("1"), FoldedActivation)
+    folded = anact.fold(model, example_inputs=(x,))
+    assert isinstance(folded.get_submodule("1"), nn.SiLU)
+    assert folded.get_submodule("2").bias is not None  # created to hold −W·c·μ
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), model(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fold_converted_resnet_float32():
+    from .models import ResNet
+
+    torch.manual_seed(0)
+    model = anact.convert(ResNet((1, 1, 1, 1), num_classes=10, width=8))
+    x = torch.randn(8, 3, 8, 8)
+    model.train()
+    for _ in range(3):
+        model(x + 0.1 * torch.randn_like(x))
+    model.eval()
+    folded, rep = anact.fold(model, return_report=True)
+    # the stem feeds two 1x1 convs (conv1 and the downsample): both take c and μ
+    assert isinstance(folded.relu, nn.ReLU)
+    assert "layer1.0.conv1, layer1.0.downsample.0" in rep[0] or "downsample" in rep[0]
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fold_without_running_stats_is_left_alone():
+    model = nn.Sequential(nn.Linear(3, 3),
+                          anact.NormalizedActivation("relu", track_running_stats=False),
+                          nn.Linear(3, 2))
+    folded, rep = anact.fold(model, return_report=True)
+    assert "not folded" in rep[0]
+    assert isinstance(folded.get_submodule("1"), anact.NormalizedActivation)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fold_into_the_buffer_batchnorm(per_channel):
+    # convert inserts a buffer BN before the head: the last activation folds into its statistics
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.SiLU(),
+                          nn.Linear(8, 3)).double()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    kw = {"channel_dim": -1} if per_channel else {}
+    model = anact.convert(plain, example_inputs=(x,), **kw)
+    for _ in range(3):
+        model(x + 0.1 * torch.randn_like(x))
+    _randomise(model, per_channel, torch.Generator().manual_seed(4))
+    model.eval()
+    folded, rep = anact.fold(model, return_report=True)
+    assert "running statistics of 4_buffer_bn" in rep[1]
+    assert isinstance(folded.get_submodule("3"), nn.SiLU)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
