@@ -233,8 +233,11 @@ def test_channelwise_normalized_activation():
     c = np.sqrt(y.var(axis=(0, 2, 3)) / d.var(axis=(0, 2, 3)))[None, :, None, None]
     assert np.ptp(c) > 1e-3  # the channels really have different scales
     got = rec["layers"]["1"]
-    np.testing.assert_allclose(got["rho"], (c * d).var() / x.var(), rtol=1e-4)
+    # ρ of the whole layer is Var[y]/Var[x]; ρ' weighs each element by its channel's c²
+    np.testing.assert_allclose(got["rho"], y.var() / x.var(), rtol=1e-4)
     np.testing.assert_allclose(got["rho_prime"], np.mean((c * dd) ** 2), rtol=1e-4)
+    np.testing.assert_allclose(got["delta_rho"], d.var() / x.var(), rtol=1e-4)
+    np.testing.assert_allclose(got["delta_rho_prime"], np.mean(dd**2), rtol=1e-4)
     w64 = sum(abs(m.weight.detach().double().mean().item()) for m in (model[0], model[2]))
     np.testing.assert_allclose(rec["weight_mean_abs_sum"], w64, rtol=1e-5)
     mon.remove()
@@ -302,20 +305,36 @@ def test_eval_passes_reset_remove_and_errors():
         ConvergenceMonitor(lambda x: x)
 
 
-def test_forward_passes_within_a_step_are_averaged():
+def test_forward_passes_within_a_step_are_pooled():
+    # gradient accumulation: the step's statistics are over all elements of its passes
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
     cap = Capture(model)
     mon = ConvergenceMonitor(model)
-    rhos = []
+    xs = []
     for k in range(2):
         model(torch.randn(32, 3) * (1 + k) + k)
-        rhos.append(_expected_plain(cap.inputs["1"], mon.layers["1"]))
+        xs.append(cap.inputs["1"])
     rec = mon.step()
-    np.testing.assert_allclose(rec["layers"]["1"]["rho"], np.mean([r[0] for r in rhos]), rtol=1e-4)
-    np.testing.assert_allclose(
-        rec["layers"]["1"]["rho_prime"], np.mean([r[1] for r in rhos]), rtol=1e-4
-    )
+    rho, rho_p = _expected_plain(np.concatenate(xs), mon.layers["1"])
+    np.testing.assert_allclose(rec["layers"]["1"]["rho"], rho, rtol=1e-4)
+    np.testing.assert_allclose(rec["layers"]["1"]["rho_prime"], rho_p, rtol=1e-4)
+
+
+def test_large_layer_is_chunked_exactly():
+    # more elements than one chunk (2**17): the chunked power sums must add up
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Flatten(),
+                          nn.Linear(4 * 40 * 40, 1))
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model)
+    model(torch.randn(24, 1, 40, 40) * 2 + 0.5)  # 153,600 activations
+    rec = mon.step()["layers"]["1"]
+    x = cap.inputs["1"]
+    rho, rho_p = _expected_plain(x, mon.layers["1"])
+    np.testing.assert_allclose(rec["rho"], rho, rtol=1e-4)
+    np.testing.assert_allclose(rec["rho_prime"], rho_p, rtol=1e-4)
+    np.testing.assert_allclose(rec["in_var"], x.var(), rtol=1e-4)
 
 
 def test_weight_mean_abs_sum_float64():
@@ -329,3 +348,30 @@ def test_weight_mean_abs_sum_float64():
     )
     np.testing.assert_allclose(weight_mean_abs_sum(model), expected, rtol=1e-6)
     assert weight_mean_abs_sum(nn.ReLU()) == 0.0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_normalized_activation_without_running_stats(masked):
+    # the scale then comes from the batch itself: λ(ρ_M, ρ'_M) + β·tanh α (eq. 13, 15)
+    torch.manual_seed(9)
+    act = anact.NSwish(track_running_stats=False)
+    with torch.no_grad():
+        act.alpha.fill_(0.7)
+    x = torch.randn(6, 20, 1) * 2 + 1
+    mask = torch.ones(6, 20, 1, dtype=torch.bool)
+    if masked:
+        mask[:, 12:] = False
+    mon = ConvergenceMonitor(act)
+    y = act(x, mask=mask) if masked else act(x)
+    got = mon.step()["layers"]["NSwish"]
+    m = mask.numpy().ravel()
+    xs, ys = x.double().numpy().ravel()[m], y.detach().double().numpy().ravel()[m]
+    f, df = _NP["swish"]
+    d, dd = f(xs, {}), df(xs, {})
+    rho_m, rho_pm = d.var() / xs.var(), np.mean(dd**2)
+    c = math.sqrt((rho_m + rho_pm) / (2 * rho_m * rho_pm)) + 0.3 * math.tanh(0.7)
+    np.testing.assert_allclose(got["rho"], ys.var() / xs.var(), rtol=1e-4)
+    np.testing.assert_allclose(got["rho"], c * c * rho_m, rtol=1e-4)
+    np.testing.assert_allclose(got["rho_prime"], c * c * rho_pm, rtol=1e-4)
+    np.testing.assert_allclose(got["lam"], math.sqrt((rho_m + rho_pm) / (2 * rho_m * rho_pm)),
+                               rtol=1e-4)

@@ -12,16 +12,22 @@ pass, so it needs no extra pass over the data::
                 mon.step()                      # closes the training step
             print(mon.epoch_summary(reset=True)["score"])
 
-For a layer computing ``c·(δ(x) − shift)`` on input x (c = 1 for a plain
-activation, the current scale λ + β·tanh α for a normalized activation, a for
-GPN), the monitor records per training step
+For an activation layer with input x and output y (a plain activation
+y = δ(x); a normalized activation y = c·(δ(x) − μ) with c its current scale
+λ + β·tanh α; GPN y = a·(ψ(x) + b), c = a) the monitor records per training step
 
-    ρ  = Var[c·δ(x)] / Var[x],   ρ' = E[(c·δ'(x))²]        (eq. 5-6, 31, whole layer)
-    Score = Σ_i (|ln ρ_i| + |ln ρ'_i|) / 2                   (eq. 22)
+    ρ  = Var[y] / Var[x] = c²·Var[δ(x)] / Var[x]       (eq. 5, 31, of the whole layer)
+    ρ' = E[(c·δ'(x))²]                                 (eq. 6, of the whole layer)
+    Score = Σ_i (|ln ρ_i| + |ln ρ'_i|) / 2             (eq. 22)
 
 and, for diagnosis, ρ, ρ', λ of the bare δ (c = 1, eq. 13) and the input's and
 output's mean and variance. Moments are over all elements of the tensor
-(population variance), in float32, without gradient.
+(population variance), without gradient, from power sums Σx, Σx², Σy, Σy²,
+Σδ'² taken in float32 and combined in float64 after one synchronisation per
+step; δ(x) is never recomputed (it is read off the output), so the cost is a few
+reductions and one δ' evaluation per layer (see benchmarks/bench_monitors.py).
+With a channel-wise scale (``channel_dim``), ρ' = mean over elements of
+c_k²·δ'(x)² and ρ = Var[y]/Var[x] of the whole tensor.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ __all__ = [
 
 #: The per-layer statistics in a summary, in the order they are stored.
 LAYER_STATS = (
-    "rho",  # Var[c·δ(x)] / Var[x] of the whole layer (eq. 5, 31)
+    "rho",  # Var[y] / Var[x] of the whole layer (eq. 5, 31)
     "rho_prime",  # E[(c·δ'(x))²] of the whole layer (eq. 6)
     "delta_rho",  # Var[δ(x)] / Var[x] of the bare activation
     "delta_rho_prime",  # E[δ'(x)²] of the bare activation
@@ -54,7 +60,6 @@ LAYER_STATS = (
     "out_mean",
     "out_var",
 )
-_N_RAW = len(LAYER_STATS)
 
 # plain torch modules -> (registry name, params read from the module)
 _PLAIN: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
@@ -121,16 +126,48 @@ def _weights(model: nn.Module) -> list[Tensor]:
 @torch.no_grad()
 def _weight_sum(weights: list[Tensor]) -> Tensor:
     dev = weights[0].device
-    return torch.stack([w.detach().float().mean().abs().to(dev) for w in weights]).sum()
+    return torch.stack([w.detach().float().mean().to(dev) for w in weights]).abs().sum()
 
 
-def _channel_view(c: Tensor, x: Tensor, channel_dim: int | None) -> Tensor:
-    """Broadcast a scale of shape () or (C,) against x (C along channel_dim)."""
-    if c.dim() == 0 or channel_dim is None:
-        return c
-    shape = [1] * x.dim()
-    shape[channel_dim] = c.numel()
-    return c.reshape(shape)
+_CHUNK = 1 << 17  # elements per chunk: the temporaries of δ' stay in cache
+
+
+def _sign_count(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(#{x > 0}, #{x ≠ 0}) from s = sign(x): (Σs + Σs²)/2 and Σs² (no bool tensors)."""
+    s = torch.sign(x)
+    nz = torch.dot(s, s)
+    return (s.sum() + nz) / 2, nz
+
+
+def _dsq_relu(x: Tensor, act: Activation) -> Tensor:
+    return _sign_count(x)[0]  # δ' = 1[x > 0]
+
+
+def _dsq_lrelu(x: Tensor, act: Activation) -> Tensor:
+    a = float(act.params["negative_slope"])
+    pos = _sign_count(x)[0]
+    return pos + a * a * (x.numel() - pos)  # δ' = 1 (x > 0), a (x ≤ 0)
+
+
+# Σδ'² without materialising δ' (float bool conversions are slow on CPU); each equals
+# the registry derivative's Σδ'² exactly (tests check both against float64).
+_DSQ_SHORTCUTS: dict[str, Callable[[Tensor, Activation], Tensor]] = {
+    "relu": _dsq_relu,
+    "lrelu": _dsq_lrelu,
+}
+
+
+def _dsq_sum(xf: Tensor, act: Activation) -> Tensor:
+    """Σδ'(x)² over a flat float32 tensor; in chunks so that δ's temporaries stay in cache."""
+    shortcut = _DSQ_SHORTCUTS.get(act.name)
+    if shortcut is not None:
+        return shortcut(xf, act)
+    total: Tensor | None = None
+    for i in range(0, max(xf.numel(), 1), _CHUNK):
+        g = act.derivative(xf[i : i + _CHUNK])
+        part = torch.dot(g, g)
+        total = part if total is None else total + part
+    return total
 
 
 class _Layer:
@@ -148,11 +185,13 @@ class _Layer:
         )
         # an in-place module overwrites its input: read it before the forward
         self.inplace = bool(getattr(module, "inplace", False))
-        self.pending: list[Tensor] = []
-        self._pre_stats: Tensor | None = None
+        self.channel_dim = getattr(module, "channel_dim", None) if self.kind == "normalized" \
+            else None
+        self.pending: list[_Record] = []
+        self._pre_sums: _Record | None = None
 
-    def scale(self, x: Tensor) -> Tensor | None:
-        """The factor c of the layer's function c·(δ(x) − shift), broadcastable to x."""
+    def scale(self, x: Tensor, mask: Tensor | None = None) -> Tensor | None:
+        """The factor c of the layer's function c·(δ(x) − shift): shape () or (C,)."""
         m = self.module
         if self.kind == "gpn":
             return torch.tensor(float(m.a), device=x.device)
@@ -163,45 +202,97 @@ class _Layer:
         else:
             from anact import functional as AF
 
-            mom = AF.batch_moments(x, m.activation, channel_dim=m.channel_dim)
+            mom = AF.batch_moments(x, m.activation, channel_dim=m.channel_dim, mask=mask)
             rho, rho_prime, _, _ = AF.moments_to_stats(mom)
             c = AF.lambda_factor(rho, rho_prime, m.eps) + m.beta * torch.tanh(m.alpha)
-        return _channel_view(c.detach().float(), x, m.channel_dim)
+        return c.detach().float()
 
-    def input_stats(self, x: Tensor, mask: Tensor | None, d: Tensor | None) -> Tensor:
-        """The 6 input-side statistics (LAYER_STATS[:6]) as a float32 tensor."""
+    def sums(self, x: Tensor, y: Tensor | None, mask: Tensor | None) -> _Record:
+        """The power sums of one forward pass (see :class:`_Record`), still on the device.
+
+        ``y`` is the layer's output, or None before the forward (in-place layers,
+        which are plain: their output is δ(x)).
+        """
         x = x.detach().float()
-        if d is None:
-            d = self.act.fn(x)
-        else:
-            d = d.detach().float()
-        dd = self.act.derivative(x)
-        c = self.scale(x)
-        if c is not None:
-            c = c.expand_as(x) if c.dim() else c
+        y = (self.act.fn(x) if y is None else y).detach().float()
+        c = self.scale(x, mask)
+        if mask is None and (c is None or c.dim() == 0):
+            xf, yf = x.reshape(-1), y.reshape(-1)
+            vec = torch.stack([
+                xf.sum(), torch.dot(xf, xf), yf.sum(), torch.dot(yf, yf), _dsq_sum(xf, self.act)
+            ])
+            return _Record(vec, float(x.numel()), c)
+        return _Record(self._masked_or_channel_sums(x, y, c, mask), 0.0, None)
+
+    def _masked_or_channel_sums(
+        self, x: Tensor, y: Tensor, c: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        """All of :data:`_FULL` (float64) for a mask and/or a per-channel scale c (C,)."""
+        dims = list(range(x.dim()))
+        if c is not None and c.dim() > 0:
+            cd = self.channel_dim % x.dim()
+            dims.remove(cd)
+            shape = [1] * x.dim()
+            shape[cd] = c.numel()
+            c = c.reshape(shape)
+        g = self.act.derivative(x)
+        d = self.act.fn(x)
         if mask is not None:
             m = mask.to(x.device).expand_as(x)
-            x, d, dd = x[m], d[m], dd[m]
-            if c is not None and c.dim():
-                c = c[m]
-        in_var, in_mean = torch.var_mean(x, correction=0)
-        d_var = torch.var(d, correction=0)
-        dd_sq = (dd * dd).mean()
-        if c is None:
-            l_var, l_dsq = d_var, dd_sq
-        elif c.dim() == 0:
-            l_var, l_dsq = c * c * d_var, c * c * dd_sq
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            # masked-out elements may hold anything, NaN included
+            x, y, g, d = (torch.where(m, t, zero) for t in (x, y, g, d))
+            n = m.sum(dtype=torch.float64)
         else:
-            l_var = torch.var(c * d, correction=0)
-            l_dsq = ((c * dd) ** 2).mean()
-        return torch.stack([l_var / in_var, l_dsq, d_var / in_var, dd_sq, in_mean, in_var])
+            n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+        acc = torch.float64 if x.device.type != "mps" else torch.float32
+        gsq = g * g
+        sg = gsq.sum(dtype=acc)
+        if c is None:
+            scg = sg
+        elif c.dim() == 0:
+            scg = c.to(acc) ** 2 * sg
+        else:
+            scg = ((c * c).to(acc) * gsq.sum(dim=dims, keepdim=True, dtype=acc)).sum()
+        sd, sdd = d.sum(dtype=acc), (d * d).sum(dtype=acc)
+        vd_n = sdd - sd * sd / n.clamp_min(1)  # n·Var[δ] of this pass
+        sums = [n, x.sum(dtype=acc), (x * x).sum(dtype=acc), y.sum(dtype=acc),
+                (y * y).sum(dtype=acc), sg, scg, vd_n]
+        return torch.stack([t.to(acc) for t in sums])
 
-    def output_stats(self, y: Tensor, mask: Tensor | None) -> Tensor:
-        y = y.detach().float()
-        if mask is not None:
-            y = y[mask.to(y.device).expand_as(y)]
-        out_var, out_mean = torch.var_mean(y, correction=0)
-        return torch.stack([out_mean, out_var])
+
+# pooled power sums of one layer in one step: count; Σx, Σx²; Σy, Σy² (output); Σδ'²;
+# Σ(c·δ')²; Σ_passes n·Var[δ] (the bare δ's variance, within each forward pass)
+_FULL = ("n", "x", "xx", "y", "yy", "g", "cg", "vd")
+
+
+class _Record:
+    """One forward pass: ``vec`` = [Σx, Σx², Σy, Σy², Σδ'²] with count ``n`` and
+    scale ``c`` (() tensor or None) applied after the sync, or (n = 0) all of :data:`_FULL`."""
+
+    __slots__ = ("vec", "n", "c")
+
+    def __init__(self, vec: Tensor, n: float, c: Tensor | None) -> None:
+        self.vec, self.n, self.c = vec, n, c
+
+
+def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
+    """Pooled :data:`_FULL` of a step's forward passes; ``values`` yields, per record,
+    its ``vec`` then its ``c`` (if any), as floats."""
+    total = dict.fromkeys(_FULL, 0.0)
+    for r in records:
+        v = [next(values) for _ in range(r.vec.numel())]
+        if not r.n:
+            s = dict(zip(_FULL, v, strict=True))
+        else:
+            c2 = next(values) ** 2 if r.c is not None else 1.0
+            n, (x, xx, y, yy, g) = r.n, v
+            # y = c·(δ − shift) with one c: n·Var[δ] = n·Var[y]/c²
+            s = {"n": n, "x": x, "xx": xx, "y": y, "yy": yy, "g": g, "cg": c2 * g,
+                 "vd": max(yy - y * y / n, 0.0) / c2}
+        for k in _FULL:
+            total[k] += s[k]
+    return total
 
 
 def _mask_of(layer: _Layer, args: tuple, kwargs: dict) -> Tensor | None:
@@ -221,7 +312,8 @@ class ConvergenceMonitor:
             (default), so validation passes leave the statistics alone.
 
     Hooks run under ``torch.no_grad`` on the detached layer input, in float32.
-    Several forward passes within one step (gradient accumulation) are averaged.
+    The elements of several forward passes within one step (gradient
+    accumulation) are pooled, as if they were one batch.
     Values stay on the model's device until :meth:`step`, which synchronises once.
 
     Attributes:
@@ -263,7 +355,7 @@ class ConvergenceMonitor:
             if not self._active(module) or not args:
                 return
             with torch.no_grad():
-                layer._pre_stats = layer.input_stats(args[0], _mask_of(layer, args, kwargs), None)
+                layer._pre_sums = layer.sums(args[0], None, _mask_of(layer, args, kwargs))
 
         return hook
 
@@ -271,17 +363,13 @@ class ConvergenceMonitor:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self._active(module) or not args or not isinstance(output, Tensor):
                 return
-            mask = _mask_of(layer, args, kwargs)
+            if layer.inplace:
+                sums, layer._pre_sums = layer._pre_sums, None
+                if sums is not None:
+                    layer.pending.append(sums)
+                return
             with torch.no_grad():
-                if layer.inplace:
-                    inp, layer._pre_stats = layer._pre_stats, None
-                    if inp is None:
-                        return
-                else:
-                    # a plain module's output is δ(x) itself: no need to recompute it
-                    d = output if layer.kind == "plain" else None
-                    inp = layer.input_stats(args[0], mask, d)
-                layer.pending.append(torch.cat([inp, layer.output_stats(output, mask)]))
+                layer.pending.append(layer.sums(args[0], output, _mask_of(layer, args, kwargs)))
 
         return hook
 
@@ -306,19 +394,28 @@ class ConvergenceMonitor:
                 "pass since the last step; call step() once per training step, after "
                 "optimizer.step(), with the model in train() mode"
             )
-        parts = [torch.stack(layer.pending).mean(0).cpu() for layer in fired]
+        tensors = []
+        for layer in fired:
+            for r in layer.pending:
+                tensors.append(r.vec)
+                if r.c is not None:
+                    tensors.append(r.c.reshape(1))
         weights = _weights(self.model)
-        wsum = _weight_sum(weights).cpu().reshape(1) if weights else torch.zeros(1)
-        flat = torch.cat([*parts, wsum]).tolist()  # the one synchronisation per step
+        if weights:
+            tensors.append(_weight_sum(weights).reshape(1))
+        if len({t.device for t in tensors}) > 1:
+            tensors = [t.cpu() for t in tensors]
+        # the one synchronisation per step
+        values = iter(torch.cat([t.double() for t in tensors]).tolist() if tensors else [])
         layers: dict[str, dict[str, float]] = {}
         score = 0.0
-        for i, layer in enumerate(fired):
+        for layer in fired:
+            vals = _stats(_pool(layer.pending, values))
             layer.pending.clear()
-            vals = dict(zip(LAYER_STATS, flat[i * _N_RAW : (i + 1) * _N_RAW], strict=True))
-            vals["lam"] = _lam(vals["delta_rho"], vals["delta_rho_prime"])  # eq. 13
             layers[layer.name] = vals
             score += (abs(_log(vals["rho"])) + abs(_log(vals["rho_prime"]))) / 2  # eq. 22
-        record = {"score": score, "weight_mean_abs_sum": flat[-1], "layers": layers}
+        wsum_value = next(values) if weights else 0.0
+        record = {"score": score, "weight_mean_abs_sum": wsum_value, "layers": layers}
         self.history.append(record)
         return record
 
@@ -356,7 +453,7 @@ class ConvergenceMonitor:
         self.history = []
         for layer in self._layers:
             layer.pending.clear()
-            layer._pre_stats = None
+            layer._pre_sums = None
 
     def remove(self) -> None:
         """Detach every hook; the model runs exactly as without the monitor."""
@@ -389,3 +486,31 @@ def _lam(rho: float, rho_prime: float) -> float:
     if rho > 0 and rho_prime > 0:
         return math.sqrt((rho + rho_prime) / (2 * rho * rho_prime))
     return math.inf if rho == 0 or rho_prime == 0 else math.nan
+
+
+def _stats(s: dict[str, float]) -> dict[str, float]:
+    """Layer statistics (LAYER_STATS and λ) from pooled power sums, in float64."""
+    n = s["n"]
+    if n <= 0:
+        return {key: math.nan for key in (*LAYER_STATS, "lam")}
+    mx, my = s["x"] / n, s["y"] / n
+    var_x = max(s["xx"] / n - mx * mx, 0.0)
+    var_y = max(s["yy"] / n - my * my, 0.0)
+    out = {
+        "rho": _ratio(var_y, var_x),  # eq. 5, 31 of the whole layer
+        "rho_prime": s["cg"] / n,  # eq. 6 of the whole layer
+        "delta_rho": _ratio(s["vd"] / n, var_x),
+        "delta_rho_prime": s["g"] / n,
+        "in_mean": mx,
+        "in_var": var_x,
+        "out_mean": my,
+        "out_var": var_y,
+    }
+    out["lam"] = _lam(out["delta_rho"], out["delta_rho_prime"])  # eq. 13
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    if b > 0:
+        return a / b
+    return math.nan
