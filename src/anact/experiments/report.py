@@ -1,0 +1,349 @@
+"""``anact report DIR``: the stored runs as paper-style markdown tables and figures.
+
+For every group of runs in ``DIR/results.sqlite`` that share a study, data set and
+settings, the report has one table laid out like the paper's Table 1 (mean and
+median over runs of the best validation accuracy, the number of runs under a
+threshold until epoch i) with the paper's published numbers beside ours, and three
+figures, each curve the median over runs per epoch: validation accuracy, the Score
+of eq. 22 (Figure 3) and Σ|E W| (Figure 4). Only finished runs enter the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anact.experiments.store import Store
+
+__all__ = ["ActivationResult", "Group", "load_groups", "markdown_table", "write_report"]
+
+PAPER_EPOCHS = (5, 10, 15, 30, 50)
+
+
+@dataclass
+class ActivationResult:
+    """The finished runs of one activation in a group; curves are per run, per epoch."""
+
+    activation: str
+    seeds: list[int] = field(default_factory=list)
+    val_acc: list[list[float]] = field(default_factory=list)
+    val_acc_top5: list[list[float | None]] = field(default_factory=list)
+    train_loss: list[list[float | None]] = field(default_factory=list)
+    score: list[list[float | None]] = field(default_factory=list)
+    weight_mean_abs_sum: list[list[float | None]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def best(self, until: int | None = None) -> list[float]:
+        """Best validation accuracy of each run over epochs 1..until (all if None)."""
+        return [max(c[:until]) if c[:until] else math.nan for c in self.val_acc]
+
+    def under(self, threshold: float, epoch: int) -> int | None:
+        """Runs whose best accuracy until ``epoch`` is below ``threshold`` (None if no
+        run has that many epochs)."""
+        runs = [c for c in self.val_acc if len(c) >= epoch]
+        if not runs:
+            return None
+        return sum(max(c[:epoch]) < threshold for c in runs)
+
+
+@dataclass
+class Group:
+    """Runs of one study on one data set under the same settings."""
+
+    study: str
+    model: str
+    dataset: str
+    config_key: str
+    config: dict[str, Any]
+    results: dict[str, ActivationResult]
+    unfinished: int = 0
+
+    @property
+    def epochs(self) -> int:
+        return int(self.config.get("epochs", 0))
+
+
+def load_groups(store: Store) -> list[Group]:
+    """All groups in the store, in order of their first run."""
+    groups: dict[tuple[str, str, str, str], Group] = {}
+    for run in store.runs():
+        key = (run["study"], run["model"], run["dataset"], run["config_key"])
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(
+                run["study"], run["model"], run["dataset"], run["config_key"], run["config"], {}
+            )
+        if run["status"] != "done":
+            g.unfinished += 1
+            continue
+        eps = store.epochs(run["id"])
+        r = g.results.setdefault(run["activation"], ActivationResult(run["activation"]))
+        r.seeds.append(run["seed"])
+        r.val_acc.append([e["val_acc"] for e in eps])
+        for name in ("val_acc_top5", "train_loss", "score", "weight_mean_abs_sum"):
+            getattr(r, name).append([e[name] for e in eps])
+        r.seconds.append(sum(e["seconds"] or 0.0 for e in eps))
+    return list(groups.values())
+
+
+def scaled_epochs(epochs: int, paper_epochs: Sequence[int] = PAPER_EPOCHS) -> tuple[int, ...]:
+    """The paper's epochs 5, 10, 15, 30, 50 of 50 scaled to ``epochs`` (rounded up)."""
+    top = max(paper_epochs)
+    return tuple(sorted({max(1, min(epochs, math.ceil(e * epochs / top))) for e in paper_epochs}))
+
+
+def _median_curve(curves: Sequence[Sequence[float | None]]) -> list[float]:
+    """Per-epoch median over runs (NaN/None values ignored)."""
+    length = max((len(c) for c in curves), default=0)
+    out = []
+    for i in range(length):
+        vals = [c[i] for c in curves if i < len(c) and c[i] is not None and not math.isnan(c[i])]
+        out.append(statistics.median(vals) if vals else math.nan)
+    return out
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _paper_cell(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return "/".join(str(v[k]) for k in sorted(v))
+    if isinstance(v, (tuple, list)):
+        return " / ".join(f"{x:.2f}" for x in v)
+    return _fmt(v) if isinstance(v, float) else str(v)
+
+
+def _label(name: str) -> str:
+    from anact.experiments.models import ACTIVATIONS
+
+    spec = ACTIVATIONS.get(name)
+    return spec.label if spec else name
+
+
+def markdown_table(
+    group: Group,
+    *,
+    threshold: float | None,
+    threshold_epochs: Sequence[int],
+    paper: Mapping[str, Mapping[str, Any]] | None = None,
+    order: Sequence[str] | None = None,
+) -> str:
+    """The group's table in the layout of the paper's Table 1, with paper columns.
+
+    The best mean and median of ours are in bold.
+    """
+    names = [a for a in (order or []) if a in group.results]
+    names += [a for a in group.results if a not in names]
+    paper = paper or {}
+    paper_keys: list[str] = []
+    for a in names:
+        for k in paper.get(a, {}):
+            if k not in paper_keys:
+                paper_keys.append(k)
+    has_top5 = any(
+        v is not None for r in group.results.values() for c in r.val_acc_top5 for v in c
+    )
+    head = ["method", "runs", "mean", "median"]
+    if has_top5:
+        head.append("median top-5")
+    if threshold is not None:
+        head += [f"<{threshold:g}% @{e}" for e in threshold_epochs]
+    head += ["min/epoch (s)"]
+    head += [f"paper {'under 98% @5/10/15/30/50' if k == 'under' else k}" for k in paper_keys]
+
+    stats = {}
+    for a in names:
+        best = group.results[a].best()
+        stats[a] = (statistics.fmean(best), statistics.median(best))
+    best_mean = max((s[0] for s in stats.values()), default=math.nan)
+    best_median = max((s[1] for s in stats.values()), default=math.nan)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in names:
+        r = group.results[a]
+        mean, median = stats[a]
+        row = [
+            _label(a),
+            str(len(r.seeds)),
+            f"**{_fmt(mean)}**" if mean == best_mean else _fmt(mean),
+            f"**{_fmt(median)}**" if median == best_median else _fmt(median),
+        ]
+        if has_top5:
+            top5 = [max((v for v in c if v is not None), default=math.nan) for c in r.val_acc_top5]
+            row.append(_fmt(statistics.median(top5)))
+        if threshold is not None:
+            row += [
+                "–" if (u := r.under(threshold, e)) is None else str(u) for e in threshold_epochs
+            ]
+        per_epoch = [s / max(1, len(c)) for s, c in zip(r.seconds, r.val_acc, strict=True)]
+        row.append(_fmt(statistics.median(per_epoch), 1))
+        row += [_paper_cell(paper.get(a, {}).get(k, "–")) for k in paper_keys]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str, Path]:
+    """Three PNGs (accuracy, Score, Σ|E W|), median over runs; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from anact.experiments.models import ACTIVATIONS
+
+    colors = plt.get_cmap("tab10").colors
+    style = {}
+    for i, a in enumerate(names):
+        fam = ACTIVATIONS[a].family if a in ACTIVATIONS else "unnormalized"
+        ls, lw = {"normalized": ("-", 2.4), "gpn": ("-.", 1.6)}.get(fam, ("--", 1.4))
+        style[a] = {"color": colors[i % len(colors)], "ls": ls, "lw": lw, "label": _label(a)}
+    n_runs = max(len(r.seeds) for r in group.results.values())
+    what = f"{group.model}, {group.dataset}; median of {n_runs} run(s)"
+    paths = {}
+
+    def curve(a: str, attr: str) -> tuple[list[int], list[float]]:
+        ys = _median_curve(getattr(group.results[a], attr))
+        return list(range(1, len(ys) + 1)), ys
+
+    # accuracy: full range and zoom on the top, like the two left panels of Figure 3
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    finals = []
+    for a in names:
+        xs, ys = curve(a, "val_acc")
+        finals += [y for y in ys[-1:] if not math.isnan(y)]
+        for ax in axes:
+            ax.plot(xs, ys, marker="o", ms=3, **style[a])
+    axes[0].set_title("validation accuracy")
+    if finals:
+        top = max(finals)
+        axes[1].set_ylim(max(0.0, sorted(finals)[len(finals) // 4] - 3.0), top + 0.5)
+    axes[1].set_title("zoom on the top")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, ncol=2, loc="lower right")
+    fig.suptitle(f"Validation accuracy ({what})")
+    fig.tight_layout()
+    paths["accuracy"] = out / f"{stem}_accuracy.png"
+    fig.savefig(paths["accuracy"], dpi=110)
+    plt.close(fig)
+
+    for attr, title, ylabel, key in (
+        ("score", "Score = Σ (|ln ρ| + |ln ρ'|)/2 per epoch (eq. 22, Figure 3)", "Score", "score"),
+        ("weight_mean_abs_sum", "Σ|E W| over weight matrices (Figure 4)", "Σ|E W|", "weights"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for a in names:
+            xs, ys = curve(a, attr)
+            ax.plot(xs, ys, marker="o", ms=3, **style[a])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n{what}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        paths[key] = out / f"{stem}_{key}.png"
+        fig.savefig(paths[key], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _threshold_for(study: Any, dataset: str) -> float | None:
+    t = getattr(study, "threshold", None)
+    if isinstance(t, Mapping):
+        return t.get(dataset)
+    return t
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    *,
+    threshold: float | None = None,
+    threshold_epochs: Sequence[int] | None = None,
+    figures: bool = True,
+) -> Path:
+    """Write ``DIR/report.md`` (and PNG figures) from ``DIR/results.sqlite``.
+
+    Args:
+        threshold: accuracy (%) of the "runs under" columns; default per study
+            and data set (``Study.threshold``).
+        threshold_epochs: the epochs of those columns; default the study's, else
+            the paper's 5/10/15/30/50 scaled to the number of epochs.
+        figures: also draw the PNGs.
+
+    Returns the path of ``report.md``.
+    """
+    from anact.experiments.runner import RESULTS_FILE
+    from anact.experiments.studies import STUDIES
+
+    out = Path(out_dir)
+    db = out / RESULTS_FILE
+    if not db.exists():
+        raise FileNotFoundError(
+            f"no {RESULTS_FILE} in {out}; run `anact reproduce <study> --out {out}` first"
+        )
+    with Store(db) as store:
+        groups = load_groups(store)
+    stems: dict[str, int] = {}
+    for g in groups:
+        stems[f"{g.study}_{g.dataset}"] = stems.get(f"{g.study}_{g.dataset}", 0) + 1
+
+    lines = [f"# Results in `{out}`", ""]
+    if not groups:
+        lines.append("No runs stored yet.")
+    for g in groups:
+        study = STUDIES.get(g.study)
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(g.config.items()))
+        title = study.title if study else g.study
+        lines += [f"## {g.study}: {title}", "", f"{g.model} on {g.dataset}; {settings}.", ""]
+        if g.unfinished:
+            lines += [f"{g.unfinished} unfinished run(s) left out (rerun to resume them).", ""]
+        if not g.results:
+            continue
+        thr = threshold if threshold is not None else _threshold_for(study, g.dataset)
+        t_epochs = tuple(
+            threshold_epochs
+            or (study.threshold_epochs if study and study.threshold_epochs else None)
+            or scaled_epochs(g.epochs)
+        )
+        order = list(study.activations) if study else []
+        lines.append(
+            markdown_table(
+                g, threshold=thr, threshold_epochs=t_epochs,
+                paper=study.paper if study else None, order=order,
+            )  # fmt: skip
+        )
+        lines.append("")
+        notes = [
+            "mean/median: of each run's best validation accuracy (%) over its epochs; "
+            "validation = the official test split."
+        ]
+        if thr is not None:
+            notes.append(
+                f"<{thr:g}% @i: runs whose best validation accuracy until epoch i is "
+                f"below {thr:g}%."
+            )
+        if study and study.paper_caption:
+            notes.append(study.paper_caption)
+        lines += [" ".join(notes), ""]
+        if figures:
+            names = [a for a in order if a in g.results]
+            names += [a for a in g.results if a not in names]
+            stem = f"{g.study}_{g.dataset}"
+            if stems[stem] > 1:
+                stem += f"_{g.config_key[:8]}"
+            paths = _plot(g, names, out, stem)
+            lines += [f"![{k}]({p.name})" for k, p in paths.items()]
+            lines.append("")
+    path = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,239 @@
+"""The study runner: N runs × E epochs per activation, stored, resumable, deterministic.
+
+For each (activation, run index i) the runner
+
+1. finds or creates the run in the store (identity: study, model, dataset,
+   activation, seed = ``config["seed"] + i``, hash of the identity settings) and
+   skips it if it is done or another live process is running it;
+2. seeds torch with the run's seed, builds the model and optimizer
+   (:attr:`Study.build`) and a per-run ``torch.Generator`` for the data order;
+3. resumes from ``DIR/checkpoints/run-<id>.pt`` if present (model, optimizer,
+   scheduler, torch and data-order RNG states, epoch);
+4. trains epoch by epoch under a :class:`anact.analysis.ConvergenceMonitor`
+   (Score of eq. 22 and Σ|E W| of Figure 4, means over the epoch's steps),
+   evaluates, writes the epoch to the store and then the checkpoint (atomically,
+   tmp + ``os.replace``), so a process killed at any moment resumes from its last
+   finished epoch and ends with the same numbers as an uninterrupted run (CPU);
+5. marks the run done and deletes its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anact.experiments.store import Store, config_key
+from anact.experiments.studies import Study, Trial, identity_config
+
+__all__ = ["RESULTS_FILE", "reproduce", "run_one", "save_checkpoint", "load_checkpoint"]
+
+RESULTS_FILE = "results.sqlite"
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` with ``torch.save`` to a temporary file, fsync, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_partial_writes(path: Path) -> None:
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or None if there is none."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trial_state(trial: Trial) -> dict[str, Any]:
+    state = {"model": trial.model.state_dict(), "optimizer": trial.optimizer.state_dict()}
+    if trial.scheduler is not None:
+        state["scheduler"] = trial.scheduler.state_dict()
+    for name, obj in trial.extra_state.items():
+        state[f"extra.{name}"] = obj.state_dict()
+    return state
+
+
+def _load_trial_state(trial: Trial, state: Mapping[str, Any]) -> None:
+    trial.model.load_state_dict(state["model"])
+    trial.optimizer.load_state_dict(state["optimizer"])
+    if trial.scheduler is not None:
+        trial.scheduler.load_state_dict(state["scheduler"])
+    for name, obj in trial.extra_state.items():
+        obj.load_state_dict(state[f"extra.{name}"])
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def run_one(
+    study: Study,
+    config: Mapping[str, Any],
+    activation: str,
+    seed: int,
+    *,
+    store: Store,
+    checkpoint_dir: Path,
+    device: torch.device,
+    data: Any,
+    progress: Any = None,
+) -> str:
+    """Train (or resume, or skip) one run; returns ``"done"``, ``"skipped"`` or ``"busy"``.
+
+    ``data`` is the result of ``study.load_data`` (or a zero-argument callable
+    returning it, called only if the run has work left). ``progress``: a tqdm bar
+    advanced once per epoch, or None.
+    """
+    from anact.analysis.monitors import ConvergenceMonitor
+
+    ident = identity_config(study, config)
+    run_id = store.ensure_run(
+        study=study.name, model=study.model, dataset=config["dataset"],
+        activation=activation, seed=seed, config=ident,
+    )  # fmt: skip
+    if store.run(run_id)["status"] == "done":
+        return "skipped"
+    if not store.claim(run_id):
+        return "busy"
+    ckpt_path = checkpoint_dir / f"run-{run_id}.pt"
+    _remove_partial_writes(ckpt_path)  # left by a process killed while saving
+    try:
+        if callable(data):
+            data = data()
+        torch.manual_seed(seed)
+        trial = study.build(dict(config), activation, seed, data, device)
+        order = torch.Generator().manual_seed(seed)  # data order, CPU (portable state)
+        start = 0
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt is not None:
+            if ckpt.get("run_id") != run_id:
+                raise RuntimeError(f"{ckpt_path} belongs to run {ckpt.get('run_id')}, not {run_id}")
+            _load_trial_state(trial, ckpt["trial"])
+            order.set_state(ckpt["order_rng"])
+            _set_rng_state(ckpt["rng"])
+            start = int(ckpt["epoch"])
+        store.truncate_epochs(run_id, start)
+        if progress is not None:
+            progress.update(start)
+        with ConvergenceMonitor(trial.model) as monitor:
+            for epoch in range(start + 1, int(config["epochs"]) + 1):
+                t0 = time.perf_counter()
+                loss = trial.train_epoch(order, monitor.step)
+                summary = monitor.epoch_summary(reset=True)
+                metrics = trial.evaluate()
+                seconds = time.perf_counter() - t0
+                store.record_epoch(run_id, epoch, {
+                    "train_loss": _finite(loss),
+                    "val_acc": float(metrics["val_acc"]),
+                    "val_acc_top5": _finite(metrics.get("val_acc_top5")),
+                    "score": _finite(summary["score"]),
+                    "weight_mean_abs_sum": _finite(summary["weight_mean_abs_sum"]),
+                    "seconds": seconds,
+                })  # fmt: skip
+                save_checkpoint(ckpt_path, {
+                    "run_id": run_id, "epoch": epoch, "trial": _trial_state(trial),
+                    "order_rng": order.get_state(), "rng": _rng_state(),
+                })  # fmt: skip
+                if progress is not None:
+                    progress.set_postfix_str(
+                        f"{activation} seed {seed} epoch {epoch}: {metrics['val_acc']:.2f}%"
+                    )
+                    progress.update(1)
+    except KeyboardInterrupt:
+        store.set_status(run_id, "pending")
+        raise
+    except BaseException:
+        store.set_status(run_id, "failed", traceback.format_exc(limit=20))
+        raise
+    store.set_status(run_id, "done")
+    ckpt_path.unlink(missing_ok=True)
+    return "done"
+
+
+def reproduce(
+    study: Study,
+    config: Mapping[str, Any],
+    activations: Sequence[str] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] = "results",
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every run of a study; returns the store's rows of these runs.
+
+    Args:
+        study: a registered :class:`Study`.
+        config: its settings (``study.config(...)``).
+        activations: names to compare (default ``study.activations``).
+        out_dir: holds ``results.sqlite`` and ``checkpoints/``.
+        device: torch device for data and models.
+        quiet: no progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    activations = list(activations or study.activations)
+    runs, epochs = int(config["runs"]), int(config["epochs"])
+    if runs < 1 or epochs < 1:
+        raise ValueError(f"runs and epochs must be >= 1, got runs={runs}, epochs={epochs}")
+    device = torch.device(device)
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cache: dict[str, Any] = {}
+
+    def data() -> Any:  # loaded on first need, once per process
+        if "data" not in cache:
+            cache["data"] = study.load_data(dict(config), device)
+        return cache["data"]
+
+    jobs: Iterable[tuple[int, str]] = [(i, a) for i in range(runs) for a in activations]
+    with Store(out / RESULTS_FILE) as store, tqdm(
+        total=runs * len(activations) * epochs, disable=quiet, unit="epoch",
+        desc=study.name, file=sys.stderr, dynamic_ncols=True,
+    ) as bar:  # fmt: skip
+        for i, act in jobs:
+            seed = int(config["seed"]) + i
+            status = run_one(
+                study, config, act, seed, store=store, checkpoint_dir=ckpt_dir,
+                device=device, data=data, progress=bar,
+            )  # fmt: skip
+            if status != "done":
+                bar.update(epochs)
+            if status == "busy" and not quiet:
+                bar.write(f"{act} seed {seed}: running in another process, skipped")
+        key = config_key(identity_config(study, config))
+        seeds = range(int(config["seed"]), int(config["seed"]) + runs)
+        done = [
+            r for r in store.runs(study=study.name)
+            if r["config_key"] == key and r["activation"] in activations and r["seed"] in seeds
+        ]  # fmt: skip
+    return done
