@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import integrate
 
 from anact.analysis import cli
@@ -55,9 +56,11 @@ def test_rscore_writes_png_csv_markdown(tmp_path, capsys):
 
 
 def test_rscore_linear_sigma(tmp_path):
+    threads = torch.get_num_threads()
     assert _run(["rscore", "--activations", "swish", "--no-log-sigma", "--sigma-min", "1",
                  "--sigma-max", "3", "--num", "3", "--out-dir", str(tmp_path),
                  "--name", "lin"]) == 0
+    assert torch.get_num_threads() == threads  # the command restores torch's setting
     _, data = _read_csv(tmp_path / "lin.csv")
     np.testing.assert_allclose(data[:, 0], [1.0, 2.0, 3.0])
 
