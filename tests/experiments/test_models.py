@@ -10,6 +10,7 @@ from torch.testing import assert_close
 import anact
 from anact.experiments.models.resnet import (
     Bottleneck,
+    CifarResNet,
     NormalizedBottleneck,
     ResNet,
     resnet50,
@@ -124,6 +125,21 @@ def test_small_normalized_resnet_trains_one_step() -> None:
         ResNet(nn.ReLU, (1,), block="normalized")
     m2 = ResNet(nn.ReLU, (1,), block="normalized", post_activation=nn.ReLU, stem="imagenet")
     assert isinstance(m2.maxpool, nn.MaxPool2d) and m2(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_cifar_resnet_depth_and_parameter_count() -> None:
+    m = CifarResNet(anact.LASiLU, depth=8, num_classes=10)
+    # by hand: stem 3·16·9 + BN; stages 16→16, 16→32 (/2), 32→64 (/2) of one BasicBlock
+    stem = 3 * 16 * 9 + 32
+    s1 = 2 * 16 * 16 * 9 + 2 * 32
+    s2 = 16 * 32 * 9 + 32 * 32 * 9 + 2 * 64 + 16 * 32 + 64
+    s3 = 32 * 64 * 9 + 64 * 64 * 9 + 2 * 128 + 32 * 64 + 128
+    assert n_params(m) == stem + s1 + s2 + s3 + 64 * 10 + 10
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert len([x for x in m.modules() if isinstance(x, anact.LASiLU)]) == 1 + 2 * 3
+    assert len(CifarResNet(depth=32).blocks) == 15
+    with pytest.raises(ValueError, match="6n\\+2"):
+        CifarResNet(depth=30)
 
 
 # ---------------------------------------------------------------- TextRCNN

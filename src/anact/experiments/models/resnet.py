@@ -19,6 +19,10 @@ Two blocks:
 :func:`resnet50_normalized` builds the paper's normalized model (stem BN without
 affine, normalized stem activation): 23,690,053 parameters with 100 classes and a
 per-tensor ``alpha`` per normalized activation.
+
+:class:`CifarResNet` is the small CIFAR ResNet of He et al. (2016, §4.2: depth 6n+2,
+three stages of 16/32/64 channels, :class:`BasicBlock`), the LayerAct paper's
+backbone (ResNet-20/32/44).
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from torch import Tensor, nn
 
 import anact
 
-__all__ = ["Bottleneck", "NormalizedBottleneck", "ResNet", "resnet50", "resnet50_normalized"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "CifarResNet",
+    "NormalizedBottleneck",
+    "ResNet",
+    "resnet50",
+    "resnet50_normalized",
+]
 
 ActFactory = Callable[[], nn.Module]
 
@@ -246,3 +258,71 @@ def resnet50_normalized(
         activation, (3, 4, 6, 3), num_classes, in_channels,
         block="normalized", post_activation=post_activation, **kwargs,
     )  # fmt: skip
+
+
+class BasicBlock(nn.Module):
+    """3×3 conv–BN–act–3×3 conv–BN, addition, act; separate activation modules
+    ``act1`` (inside) and ``act2`` (after the addition); a 1×1 projection shortcut
+    when the shape changes.
+
+    Shape: (N, inplanes, H, W) → (N, planes, H/stride, W/stride).
+    """
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, activation: ActFactory = nn.ReLU
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = activation()
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.act2 = activation()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                _conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + identity)
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet-(6n+2): conv3×3(16)–BN–act, 3 stages of n
+    :class:`BasicBlock` (16, 32, 64 channels; stride 2 at stages 2 and 3), global
+    average pooling, linear. ``depth`` 20, 32, 44, 56, 110 (or 8 for quick runs).
+
+    Shape: (N, in_channels, H, W) → logits (N, num_classes).
+    """
+
+    def __init__(
+        self,
+        activation: ActFactory = nn.ReLU,
+        depth: int = 32,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 16,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 20, 32, …), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = _conv3x3(in_channels, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act = activation()
+        blocks: list[nn.Module] = []
+        c = width
+        for stage in range(3):
+            planes = width * 2**stage
+            for i in range(n):
+                blocks.append(BasicBlock(c, planes, 2 if (stage > 0 and i == 0) else 1, activation))
+                c = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.act(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
