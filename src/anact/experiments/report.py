@@ -255,10 +255,12 @@ def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str,
     return paths
 
 
-def _threshold_for(study: Any, dataset: str) -> float | None:
+def _threshold_for(study: Any, group: Group) -> float | None:
     t = getattr(study, "threshold", None)
     if isinstance(t, Mapping):
-        return t.get(dataset)
+        return t.get(group.dataset)
+    if callable(t):
+        return t({"dataset": group.dataset, **group.config})
     return t
 
 
@@ -307,7 +309,7 @@ def write_report(
             lines += [f"{g.unfinished} unfinished run(s) left out (rerun to resume them).", ""]
         if not g.results:
             continue
-        thr = threshold if threshold is not None else _threshold_for(study, g.dataset)
+        thr = threshold if threshold is not None else _threshold_for(study, g)
         t_epochs = tuple(
             threshold_epochs
             or (study.threshold_epochs if study and study.threshold_epochs else None)

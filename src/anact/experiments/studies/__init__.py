@@ -103,7 +103,8 @@ class Study:
             ``{"relu": {"mean": 94.42, ...}}`` (see :mod:`anact.experiments.paper`).
         paper_caption: where the paper's numbers come from and under which protocol.
         threshold: accuracy (percent) for "runs under threshold until epoch i",
-            a mapping data set → threshold, or None to leave these columns out.
+            a mapping data set → threshold, a function of the run's stored
+            (identity) settings, or None to leave these columns out.
         threshold_epochs: the epochs i of those columns; None picks the paper's
             (5, 10, 15, 30, 50) scaled to the number of epochs run.
         not_identity: extra settings that do not change the numbers.
@@ -119,7 +120,7 @@ class Study:
     build: Callable[[dict[str, Any], str, int, Any, torch.device], Trial]
     paper: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     paper_caption: str = ""
-    threshold: float | Mapping[str, float] | None = None
+    threshold: float | Mapping[str, float] | Callable[[Mapping[str, Any]], float] | None = None
     threshold_epochs: tuple[int, ...] | None = None
     not_identity: frozenset[str] = frozenset()
 

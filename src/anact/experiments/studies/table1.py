@@ -7,12 +7,14 @@ Here the default data set is Fashion-MNIST (MNIST is 98-99 % for every activatio
 and is not packaged); the validation set is the official test split.
 
 Defaults are sized for ~10 minutes on a 2-core CPU (see docs/results.md): 9
-activations × 3 runs × 6 epochs on the first 10 000 training images.
+activations × 3 runs × 5 epochs on the first 10 000 training images, plain SGD
+(lr 0.05, batch 64; the paper gives no learning rate).
 ``--paper``: 25 runs × 50 epochs on the full training set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,12 +25,22 @@ from anact.experiments.data import ImageData, load_image_dataset
 from anact.experiments.models import ACTIVATIONS, LeNet5, init_weights
 from anact.experiments.studies import Study, Trial, register
 
-__all__ = ["STUDY", "THRESHOLDS", "build", "load_data"]
+__all__ = ["STUDY", "build", "load_data", "threshold"]
 
-#: accuracy threshold (percent) of the "runs under threshold" columns, per data set:
-#: the paper's 98 % for MNIST; 88 % for Fashion-MNIST, which LeNet5 passes after a
-#: few epochs with a good activation and which separates slow starters (docs/results.md).
-THRESHOLDS = {"mnist": 98.0, "fashion-mnist": 88.0}
+def threshold(config: Mapping[str, Any]) -> float:
+    """Accuracy (%) of the "runs under threshold until epoch i" columns.
+
+    MNIST: the paper's 98 %. Fashion-MNIST, full training set (``--paper``): 88 %,
+    which LeNet5 passes after some epochs with every sound activation but not in the
+    first ones (it ends near 90 %), so the columns count slow starters as the paper's
+    do. Fashion-MNIST on a training subset (the default): 80 %, the level the
+    default 5 epochs on 10 000 images reach (docs/results.md); 88 % would count every
+    run of every activation and tell nothing.
+    """
+    if config.get("dataset") == "mnist":
+        return 98.0
+    return 88.0 if config.get("train_subset") is None else 80.0
+
 
 EVAL_BATCH = 1000
 
@@ -87,10 +99,10 @@ STUDY = register(
             "dataset": "fashion-mnist",
             "data_dir": None,
             "runs": 3,
-            "epochs": 6,
+            "epochs": 5,
             "seed": 0,
             "batch_size": 64,
-            "lr": 0.01,
+            "lr": 0.05,
             "momentum": 0.0,
             "train_subset": 10000,
         },
@@ -104,7 +116,7 @@ STUDY = register(
             "Paper: MNIST, 25 runs × 50 epochs, 'under' = runs below 98 % until epoch "
             "5/10/15/30/50 (Table 1 of arXiv:2208.13315)."
         ),
-        threshold=THRESHOLDS,
+        threshold=threshold,
         threshold_epochs=None,
     )
 )
