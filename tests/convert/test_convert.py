@@ -234,3 +234,6 @@ def test_buffer_bn_for_sequence_inputs():
     flat = x.reshape(-1, 5)
     ref = (flat - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + bn.eps)
     torch.testing.assert_close(y, ref.reshape(3, 7, 5))
+    bn.eval()
+    ref = (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(bn(x), ref)

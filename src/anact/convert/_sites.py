@@ -95,7 +95,11 @@ class FeatureBatchNorm(nn.BatchNorm1d):
         super().__init__(num_features, affine=affine, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        if self.training or self.running_mean is None:
+            return super().forward(x.reshape(-1, self.num_features)).reshape(x.shape)
+        # eval: plain broadcasting over the last dim (exports without a channel size)
+        y = (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
 
 
 class Tracer(fx.Tracer):
