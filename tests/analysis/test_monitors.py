@@ -375,3 +375,34 @@ def test_normalized_activation_without_running_stats(masked):
     np.testing.assert_allclose(got["rho_prime"], c * c * rho_pm, rtol=1e-4)
     np.testing.assert_allclose(got["lam"], math.sqrt((rho_m + rho_pm) / (2 * rho_m * rho_pm)),
                                rtol=1e-4)
+
+
+def test_a_module_reused_in_one_forward_counts_once_per_use():
+    torch.manual_seed(10)
+
+    class Net(nn.Module):  # one nn.ReLU shared by both hidden layers (a common idiom)
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+    net = Net()
+    seen = []
+    net.act.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double().numpy()))
+    mon = ConvergenceMonitor(net)
+    for _ in range(2):  # two forward passes in one step: each use is pooled with itself
+        net(torch.randn(32, 4) + 1)
+    rec = mon.step()
+    assert list(rec["layers"]) == ["act", "act#1"]
+    act = mon.layers["act"]
+    pairs = []
+    for name, xs in (("act", seen[0::2]), ("act#1", seen[1::2])):
+        rho, rho_p = _expected_plain(np.concatenate(xs), act)
+        np.testing.assert_allclose(rec["layers"][name]["rho"], rho, rtol=1e-4)
+        np.testing.assert_allclose(rec["layers"][name]["rho_prime"], rho_p, rtol=1e-4)
+        pairs.append((rho, rho_p))
+    np.testing.assert_allclose(rec["score"], _score(pairs), rtol=1e-4)
+    assert list(mon.epoch_summary()["layers"]) == ["act", "act#1"]

@@ -187,8 +187,14 @@ class _Layer:
         self.inplace = bool(getattr(module, "inplace", False))
         self.channel_dim = getattr(module, "channel_dim", None) if self.kind == "normalized" \
             else None
-        self.pending: list[_Record] = []
+        # call index within one forward pass (a module reused at several depths) -> records
+        self.pending: dict[int, list[_Record]] = {}
+        self.calls = 0
         self._pre_sums: _Record | None = None
+
+    def site(self, call: int) -> str:
+        """The name of the layer's ``call``-th use in a forward pass: ``name``, ``name#1``, …"""
+        return self.name if call == 0 else f"{self.name}#{call}"
 
     def scale(self, x: Tensor, mask: Tensor | None = None) -> Tensor | None:
         """The factor c of the layer's function c·(δ(x) − shift): shape () or (C,)."""
@@ -313,11 +319,14 @@ class ConvergenceMonitor:
 
     Hooks run under ``torch.no_grad`` on the detached layer input, in float32.
     The elements of several forward passes within one step (gradient
-    accumulation) are pooled, as if they were one batch.
+    accumulation) are pooled, as if they were one batch. A module used several
+    times in one forward pass (one ``nn.ReLU`` shared by all layers) counts as
+    one layer per use, named ``name``, ``name#1``, ``name#2``, … (calls are
+    counted from the start of each forward of ``model``).
     Values stay on the model's device until :meth:`step`, which synchronises once.
 
     Attributes:
-        layers: ``{layer name: Activation}`` of the monitored layers.
+        layers: ``{module name: Activation}`` of the monitored modules.
         history: one dict per closed step: ``score``, ``weight_mean_abs_sum`` and
             ``layers`` (``{name: {stat: value}}`` with the keys of
             :data:`LAYER_STATS` plus ``lam``).
@@ -343,7 +352,14 @@ class ConvergenceMonitor:
             self._handles.append(
                 module.register_forward_hook(self._post_hook(layer), with_kwargs=True)
             )
+        if self._layers:
+            self._handles.append(model.register_forward_pre_hook(self._new_forward))
         self.history: list[dict[str, Any]] = []
+        self._sites: dict[str, Activation] = {}
+
+    def _new_forward(self, module: nn.Module, args: tuple) -> None:
+        for layer in self._layers:
+            layer.calls = 0
 
     # ------------------------------------------------------------------ hooks
 
@@ -365,11 +381,13 @@ class ConvergenceMonitor:
                 return
             if layer.inplace:
                 sums, layer._pre_sums = layer._pre_sums, None
-                if sums is not None:
-                    layer.pending.append(sums)
-                return
-            with torch.no_grad():
-                layer.pending.append(layer.sums(args[0], output, _mask_of(layer, args, kwargs)))
+                if sums is None:
+                    return
+            else:
+                with torch.no_grad():
+                    sums = layer.sums(args[0], output, _mask_of(layer, args, kwargs))
+            layer.pending.setdefault(layer.calls, []).append(sums)
+            layer.calls += 1
 
         return hook
 
@@ -394,9 +412,10 @@ class ConvergenceMonitor:
                 "pass since the last step; call step() once per training step, after "
                 "optimizer.step(), with the model in train() mode"
             )
+        sites = [(layer, call) for layer in fired for call in sorted(layer.pending)]
         tensors = []
-        for layer in fired:
-            for r in layer.pending:
+        for layer, call in sites:
+            for r in layer.pending[call]:
                 tensors.append(r.vec)
                 if r.c is not None:
                     tensors.append(r.c.reshape(1))
@@ -409,11 +428,15 @@ class ConvergenceMonitor:
         values = iter(torch.cat([t.double() for t in tensors]).tolist() if tensors else [])
         layers: dict[str, dict[str, float]] = {}
         score = 0.0
-        for layer in fired:
-            vals = _stats(_pool(layer.pending, values))
-            layer.pending.clear()
-            layers[layer.name] = vals
+        for layer, call in sites:
+            vals = _stats(_pool(layer.pending[call], values))
+            name = layer.site(call)
+            self._sites.setdefault(name, layer.act)
+            layers[name] = vals
             score += (abs(_log(vals["rho"])) + abs(_log(vals["rho_prime"]))) / 2  # eq. 22
+        for layer in fired:
+            layer.pending.clear()
+            layer.calls = 0
         wsum_value = next(values) if weights else 0.0
         record = {"score": score, "weight_mean_abs_sum": wsum_value, "layers": layers}
         self.history.append(record)
@@ -430,12 +453,12 @@ class ConvergenceMonitor:
         """
         h = self.history
         layers: dict[str, dict[str, Any]] = {}
-        for layer in self._layers:
-            rows = [r["layers"][layer.name] for r in h if layer.name in r["layers"]]
-            stats: dict[str, Any] = {"activation": layer.act.name}
+        for name, act in {**self.layers, **self._sites}.items():
+            rows = [r["layers"][name] for r in h if name in r["layers"]]
+            stats: dict[str, Any] = {"activation": act.name}
             for key in (*LAYER_STATS, "lam"):
                 stats[key] = float(np.mean([r[key] for r in rows])) if rows else math.nan
-            layers[layer.name] = stats
+            layers[name] = stats
         summary = {
             "score": float(np.mean([r["score"] for r in h])) if h else math.nan,
             "weight_mean_abs_sum": (
@@ -453,6 +476,7 @@ class ConvergenceMonitor:
         self.history = []
         for layer in self._layers:
             layer.pending.clear()
+            layer.calls = 0
             layer._pre_sums = None
 
     def remove(self) -> None:
