@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from anact import kernels as _kernels
 from anact.activations import Activation, resolve_activation
 
 __all__ = [
@@ -306,6 +307,16 @@ def apply_normalization(
     return _NormalizedActivationFn.apply(x, scale, shift, act, channel_dim)
 
 
+def _warn_unusable_batch(stacklevel: int) -> None:
+    warnings.warn(
+        "a mini-batch could not define the activation statistics (fewer than 2 real "
+        "elements, a constant batch, an all-masked batch, a dead activation or "
+        "NaN/Inf); it was left out of the running statistics",
+        StatisticsWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def _is_compiling() -> bool:
     return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
 
@@ -349,6 +360,15 @@ def normalized_activation(
         raise TypeError(f"normalized activation needs a floating-point input, got {x.dtype}")
     _check_channel_dim(x, channel_dim)
     act = resolve_activation(activation)
+    # a fast path (anact.kernels.set_backend) when one applies; the code below is the reference
+    fast = _kernels.dispatch(
+        x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked, alpha,
+        training=training, momentum=momentum, bounds=bounds, beta=beta, center=center,
+        channel_dim=channel_dim, eps=eps, mask=mask, reduce_moments=reduce_moments,
+        on_invalid=lambda: _warn_unusable_batch(stacklevel=6),
+    )  # fmt: skip
+    if fast is not None:
+        return fast
     has_running = running_rho is not None
     if training or not has_running:
         moments = batch_moments(x, act, channel_dim=channel_dim, mask=mask)
@@ -356,13 +376,7 @@ def normalized_activation(
             moments = reduce_moments(moments)
         rho, rho_prime, mu, valid = moments_to_stats(moments)
         if not _is_compiling() and x.device.type == "cpu" and not bool(valid.all()):
-            warnings.warn(
-                "a mini-batch could not define the activation statistics (fewer than 2 real "
-                "elements, a constant batch, an all-masked batch, a dead activation or "
-                "NaN/Inf); it was left out of the running statistics",
-                StatisticsWarning,
-                stacklevel=3,
-            )
+            _warn_unusable_batch(stacklevel=4)
         if has_running and training:
             update_running_stats(
                 running_rho, running_rho_prime, running_mean, num_batches_tracked,

@@ -1,0 +1,309 @@
+"""Optional fast paths of the normalized activation, behind one dispatch.
+
+:func:`anact.functional.normalized_activation` (what every
+:class:`anact.NormalizedActivation` calls) asks :func:`dispatch` whether a fast
+path applies; the eager code in :mod:`anact.functional` stays the reference.
+
+Backends (``set_backend(name)``, the ``with backend(name):`` context, or the
+environment variable ``ANACT_BACKEND`` read at import):
+
+* ``"eager"`` (default): the reference, no compilation;
+* ``"compiled"``: the fused kernels of :mod:`anact.kernels.fused` through
+  ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton on CUDA), compiled once
+  per activation, shape, dtype and configuration (``dynamic=False``);
+* ``"auto"``: ``"compiled"`` for inputs of at least :data:`AUTO_MIN_NUMEL`
+  elements, eager for smaller ones (where a compiled call's fixed cost is not
+  repaid);
+* ``"fused"``: the fused kernels run eagerly, without compilation (slow; for
+  testing the fused math and debugging).
+
+The default is eager because compilation costs seconds per new shape (tens of
+seconds for the first one in a process) and needs a C++ compiler (CPU) or
+Triton (CUDA). When compilation fails, a :class:`KernelWarning` is issued once
+and the call runs eagerly.
+
+The fast path is skipped (eager is used) inside ``torch.compile`` (the outer
+compiler fuses the reference itself), under functorch transforms (``vmap``,
+``grad``), and for inputs with fewer than 2 elements per statistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anact.activations import Activation
+
+__all__ = [
+    "BACKENDS",
+    "AUTO_MIN_NUMEL",
+    "KernelWarning",
+    "backend",
+    "get_backend",
+    "set_backend",
+    "dispatch",
+    "clear_cache",
+]
+
+BACKENDS = ("eager", "compiled", "auto", "fused")
+AUTO_MIN_NUMEL = 1 << 15
+
+
+class KernelWarning(UserWarning):
+    """A fast path could not be used (e.g. compilation failed); eager ran instead."""
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _check_backend(os.environ.get("ANACT_BACKEND", "eager").strip().lower() or "eager")
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation of the normalized activation: one of :data:`BACKENDS`."""
+    global _backend
+    _backend = _check_backend(name)
+
+
+def get_backend() -> str:
+    """The current backend name."""
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with anact.kernels.backend("compiled"): ...`` — the backend inside the block."""
+    global _backend
+    previous = _backend
+    _backend = _check_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+# ---------------------------------------------------------------------------
+# Compiled functions, one per key
+# ---------------------------------------------------------------------------
+
+
+def _fn_key(f: Callable) -> Any:
+    # lambdas made by a registry factory share their code; their parameters are in .params
+    return getattr(f, "__code__", f)
+
+
+def _act_key(act: Activation) -> tuple:
+    return (act.name, tuple(sorted(act.params.items())), _fn_key(act.fn), _fn_key(act.derivative))
+
+
+def _tensor_key(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+_cache: dict[tuple, Callable] = {}
+_failed: set[tuple] = set()
+
+
+def clear_cache() -> None:
+    """Forget the compiled functions (they are recompiled on the next call)."""
+    _cache.clear()
+    _failed.clear()
+
+
+def _fresh(f: Callable) -> Callable:
+    """A copy of f with its own code object.
+
+    ``torch.compile`` keeps its compiled variants on the code object and stops
+    recompiling after a few (``recompile_limit``); a model has more shapes than
+    that, so each key gets its own code object and hence its own cache.
+    """
+    code = f.__code__.replace()
+    if code is f.__code__:  # CPython may return the same object for an identical replace
+        code = f.__code__.replace(co_name=f.__code__.co_name + "_")
+    g = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
+
+
+def _with_scalars(f: Callable, zero: tuple[bool, ...]) -> Callable:
+    """f taking (1,) views where ``zero`` marks arguments that are 0-dim tensors."""
+
+    def g(*args: Any) -> Any:
+        return f(*(a.view(()) if zero[i] else a for i, a in enumerate(args)))
+
+    return g
+
+
+class _Runner:
+    """Runs a fused kernel, compiled (cached per key) or eagerly."""
+
+    def __init__(self, compile_: bool) -> None:
+        self.compile = compile_
+
+    def _call(self, name: str, key: tuple, f: Callable, *args: Any) -> Any:
+        if not self.compile:
+            return f(*args)
+        key = (name, *key)
+        fn = _cache.get(key)
+        # 0-dim tensors go in as (1,) views: inductor (torch 2.13, CPU) drops in-place
+        # updates of 0-dim float64 inputs, i.e. the running statistics of a float64 module
+        zero = tuple(isinstance(a, Tensor) and a.dim() == 0 for a in args)
+        cargs = [a.view(1) if zero[i] else a for i, a in enumerate(args)]
+        if fn is None:
+            if key in _failed:
+                return f(*args)
+            fn = torch.compile(_fresh(_with_scalars(f, zero)), dynamic=False, fullgraph=True)
+            try:
+                out = fn(*cargs)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+                _failed.add(key)
+                warnings.warn(
+                    f"anact.kernels: compiling {name} failed ({type(e).__name__}: {e}); "
+                    "running eagerly. Install a C++ compiler (CPU) or Triton (CUDA), or "
+                    "set_backend('eager') to silence this",
+                    KernelWarning,
+                    stacklevel=4,
+                )
+                return f(*args)
+            _cache[key] = fn
+            return out
+        return fn(*cargs)
+
+    def prepare(self, x, mask, rr, rrp, rm, nbt, act, cfg):
+        from anact.kernels import fused
+
+        def f(x, mask, rr, rrp, rm, nbt):
+            return fused.prepare(x, mask, rr, rrp, rm, nbt, act=act, cfg=cfg)
+
+        key = (_act_key(act), cfg, _tensor_key(x), _tensor_key(mask), _tensor_key(rr),
+               _tensor_key(nbt))  # fmt: skip
+        return self._call("prepare", key, f, x, mask, rr, rrp, rm, nbt)
+
+    def finish(self, moments, rr, rrp, rm, nbt, cfg):
+        from anact.kernels import fused
+
+        def f(count, mean_x, var_x, mean_y, var_y, mean_dsq, rr, rrp, rm, nbt):
+            moments = AF.BatchMoments(count, mean_x, var_x, mean_y, var_y, mean_dsq)
+            return fused.finish(moments, rr, rrp, rm, nbt, cfg=cfg)
+
+        from anact import functional as AF
+
+        key = (cfg, *(_tensor_key(m) for m in moments), _tensor_key(rr), _tensor_key(nbt))
+        return self._call("finish", key, f, *moments, rr, rrp, rm, nbt)
+
+    def output(self, x, scale, shift, act, channel_dim):
+        from anact.kernels import fused
+
+        def f(x, scale, shift):
+            return fused.output(x, scale, shift, act=act, channel_dim=channel_dim)
+
+        key = (_act_key(act), channel_dim, _tensor_key(x), _tensor_key(scale),
+               _tensor_key(shift))  # fmt: skip
+        return self._call("output", key, f, x, scale, shift)
+
+    def backward(self, x, grad_out, scale, shift, act, channel_dim, need_x, need_scale):
+        from anact.kernels import fused
+
+        def f(x, grad_out, scale, shift):
+            return fused.backward_pass(
+                x, grad_out, scale, shift, act=act, channel_dim=channel_dim,
+                need_x=need_x, need_scale=need_scale,
+            )  # fmt: skip
+
+        key = (_act_key(act), channel_dim, need_x, need_scale, _tensor_key(x),
+               _tensor_key(grad_out), _tensor_key(scale), _tensor_key(shift))  # fmt: skip
+        return self._call("backward", key, f, x, grad_out, scale, shift)
+
+
+_RUNNERS = {"compiled": _Runner(True), "fused": _Runner(False)}
+
+
+def _is_compiling() -> bool:
+    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+def _transforms_active() -> bool:
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+def _choose(x: Tensor, channel_dim: int | None) -> _Runner | None:
+    name = _backend
+    if name == "eager" or _is_compiling() or _transforms_active():
+        return None
+    per_stat = x.numel() // (1 if channel_dim is None else max(1, x.shape[channel_dim]))
+    if per_stat < 2:
+        return None
+    if name == "auto":
+        if x.numel() < AUTO_MIN_NUMEL:
+            return None
+        name = "compiled"
+    return _RUNNERS[name]
+
+
+def dispatch(
+    x: Tensor,
+    act: Activation,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    channel_dim: int | None,
+    eps: float,
+    mask: Tensor | None,
+    reduce_moments: Callable | None,
+    on_invalid: Callable[[], None],
+) -> Tensor | None:
+    """The normalized activation through the selected fast path, or None for eager.
+
+    Arguments as :func:`anact.functional.normalized_activation` (already
+    checked); ``on_invalid`` is called when the batch cannot define the
+    statistics (it warns, as the reference does).
+    """
+    runner = _choose(x, channel_dim)
+    if runner is None:
+        return None
+    from anact import functional as AF
+    from anact.kernels import fused
+
+    cd = None if channel_dim is None else channel_dim % x.dim()
+    has_running = running_rho is not None
+    if mask is not None:
+        mask = AF._check_mask(x, mask)
+    cfg = fused.PrepareConfig(
+        channel_dim=cd, training=training, has_running=has_running, has_mask=mask is not None,
+        momentum=momentum, bounds=None if bounds is None else tuple(float(b) for b in bounds),
+        center=center, eps=float(eps), reduce_moments=reduce_moments is not None,
+    )  # fmt: skip
+    xd = x.detach()
+    with torch.no_grad():
+        out = runner.prepare(xd, mask, running_rho, running_rho_prime, running_mean,
+                             num_batches_tracked, act, cfg)  # fmt: skip
+        if cfg.reduce_moments and (training or not has_running):
+            moments = reduce_moments(AF.BatchMoments(*out))
+            out = runner.finish(moments, running_rho, running_rho_prime, running_mean,
+                                num_batches_tracked, cfg)  # fmt: skip
+    lam, shift, valid = out
+    if (training or not has_running) and x.device.type == "cpu" and not bool(valid.all()):
+        on_invalid()
+    scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
+    return fused.FusedNormalizedActivationFn.apply(x, scale, shift, act, cd, runner)

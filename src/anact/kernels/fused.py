@@ -1,0 +1,212 @@
+"""The fused fast path of :func:`anact.functional.normalized_activation`.
+
+The eager reference reads x about a dozen times per training step (δ(x), δ'(x),
+two ``var_mean``, the output, and δ, δ' again in backward). The fast path reads
+it the minimum number of times:
+
+* forward, pass 1 (:func:`_prepare`): one sweep over x computes Σ(x−k), Σ(x−k)²,
+  Σ(y−k_y), Σ(y−k_y)², Σδ'(x)² (y = δ(x)); then, on tiny tensors, ρ_M, ρ'_M, μ_M
+  (eq. 31), the running update (eq. 16–18) and λ (eq. 13);
+* forward, pass 2 (:func:`_output`): out = s·(δ(x) − μ) (eq. 15);
+* backward, one pass (:func:`_backward`): ∂L/∂x = s·δ'(x)·g and the partial sum
+  ∂L/∂s = Σ g·(δ(x) − μ) (appendix eq. 36–37, 41–42) read x and g once.
+
+Cancellation: sums of squares in float32 lose everything when |mean| ≫ std.
+The sums are taken about a pilot k = the first element (per channel), which is
+within a few standard deviations of the mean, so E[(x−k)²] − E[x−k]² loses at
+most a few bits. A constant batch gives exactly x − k = 0, so the constant-batch
+guard of :func:`anact.functional.moments_to_stats` sees var = 0 as the reference
+does. Inductor accumulates float sums by cascade summation.
+
+With a mask, the pilot could be padding (anything, NaN included), so the masked
+moments are the reference formulas (mean, then centred squares: two sweeps).
+
+Each function here is plain torch code; :mod:`anact.kernels` runs it as is
+(backend ``"fused"``, for testing) or through ``torch.compile`` (``"compiled"``),
+which fuses each into one loop over x (C++/OpenMP on CPU, Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anact import functional as AF
+from anact.activations import Activation
+
+__all__ = ["PrepareConfig", "prepare", "output", "backward_pass", "FusedNormalizedActivationFn"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The constant (non-tensor) arguments of one forward pass; part of the compile key."""
+
+    channel_dim: int | None  # normalized to 0..dim-1, or None
+    training: bool
+    has_running: bool
+    has_mask: bool
+    momentum: float | None
+    bounds: tuple[float, float] | None
+    center: bool
+    eps: float
+    reduce_moments: bool  # when True, _prepare stops after the moments
+
+
+def _pilot(t: Tensor, channel_dim: int | None) -> Tensor:
+    """The first element of t (per channel), shaped to broadcast against t."""
+    if channel_dim is None:
+        return t.reshape(-1)[:1].reshape([1] * t.dim())
+    index: list[Any] = [slice(0, 1)] * t.dim()
+    index[channel_dim] = slice(None)
+    return t[tuple(index)]
+
+
+def fused_moments(x: Tensor, act: Activation, channel_dim: int | None) -> AF.BatchMoments:
+    """:func:`anact.functional.batch_moments` without a mask, as one sweep over x."""
+    dims = AF._reduce_dims(x, channel_dim)
+    xf = x.to(AF._stat_dtype(x))
+    y = act.fn(xf)
+    dsq = act.derivative(xf).square()
+    kx = _pilot(xf, channel_dim)
+    ky = act.fn(kx)
+    xs, ys = xf - kx, y - ky
+    n = x.numel() // (1 if channel_dim is None else x.shape[channel_dim])
+    inv_n = 1.0 / n
+    s1x, s2x = xs.sum(dim=dims), xs.square().sum(dim=dims)
+    s1y, s2y = ys.sum(dim=dims), ys.square().sum(dim=dims)
+    mean_xs, mean_ys = s1x * inv_n, s1y * inv_n
+    # E[(x−k)²] − E[x−k]²; clamped since rounding may leave −ulp on a constant batch
+    var_x = (s2x * inv_n - mean_xs.square()).clamp_min(0)
+    var_y = (s2y * inv_n - mean_ys.square()).clamp_min(0)
+    mean_x = kx.reshape(mean_xs.shape) + mean_xs
+    mean_y = ky.reshape(mean_ys.shape) + mean_ys
+    mean_dsq = dsq.sum(dim=dims) * inv_n
+    count = torch.full_like(mean_x, float(n))
+    return AF.BatchMoments(count, mean_x, var_x, mean_y, var_y, mean_dsq)
+
+
+def prepare(
+    x: Tensor,
+    mask: Tensor | None,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    *,
+    act: Activation,
+    cfg: PrepareConfig,
+) -> tuple[Tensor, ...]:
+    """Forward pass 1: the batch moments, the running update and λ, μ (no gradient).
+
+    Returns ``(lam, shift, valid)``, or the six moments when
+    ``cfg.reduce_moments`` (the caller reduces them and calls :func:`finish`).
+    """
+    if cfg.training or not cfg.has_running:
+        if cfg.has_mask:
+            moments = AF.batch_moments(x, act, channel_dim=cfg.channel_dim, mask=mask)
+        else:
+            moments = fused_moments(x, act, cfg.channel_dim)
+        if cfg.reduce_moments:
+            return tuple(moments)
+        return finish(moments, running_rho, running_rho_prime, running_mean,
+                      num_batches_tracked, cfg=cfg)
+    return finish(None, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                  cfg=cfg)
+
+
+def finish(
+    moments: AF.BatchMoments | None,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    *,
+    cfg: PrepareConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics → running update → ``(lam, shift, valid)``, as the reference does."""
+    if moments is not None:
+        rho, rho_prime, mu, valid = AF.moments_to_stats(moments)
+        if cfg.has_running and cfg.training:
+            AF.update_running_stats(
+                running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                rho, rho_prime, mu, valid, momentum=cfg.momentum, bounds=cfg.bounds,
+            )  # fmt: skip
+            rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+        else:
+            rho = torch.where(valid, rho, torch.ones_like(rho))
+            rho_prime = torch.where(valid, rho_prime, torch.ones_like(rho_prime))
+            mu = torch.where(valid, mu, torch.zeros_like(mu))
+    else:
+        rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+        valid = torch.ones((), dtype=torch.bool, device=rho.device)
+    lam = AF.lambda_factor(rho, rho_prime, cfg.eps)
+    shift = mu.clone() if cfg.center else torch.zeros_like(mu)
+    return lam, shift, valid
+
+
+def output(x: Tensor, scale: Tensor, shift: Tensor, *, act: Activation, channel_dim: int | None):
+    """Forward pass 2: scale·(δ(x) − shift) in x's dtype (eq. 15)."""
+    s = AF._broadcast_shape(x, channel_dim, scale).to(x.dtype)
+    b = AF._broadcast_shape(x, channel_dim, shift).to(x.dtype)
+    return (act.fn(x) - b) * s
+
+
+def backward_pass(
+    x: Tensor,
+    grad_out: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    *,
+    act: Activation,
+    channel_dim: int | None,
+    need_x: bool,
+    need_scale: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """∂L/∂x = s·δ'(x)·g and ∂L/∂s = Σ g·(δ(x) − μ) in one sweep (eq. 36–37, 41–42)."""
+    s = AF._broadcast_shape(x, channel_dim, scale).to(x.dtype)
+    grad_x = grad_scale = None
+    if need_x:
+        grad_x = grad_out * act.derivative(x) * s
+    if need_scale:
+        b = AF._broadcast_shape(x, channel_dim, shift).to(x.dtype)
+        dims = AF._reduce_dims(x, channel_dim if scale.dim() else None)
+        grad_scale = (grad_out * (act.fn(x) - b)).sum(dim=dims, dtype=scale.dtype)
+    return grad_x, grad_scale
+
+
+class FusedNormalizedActivationFn(torch.autograd.Function):
+    """out = scale·(δ(x) − shift) through the fused kernels; saves only x, scale, shift.
+
+    ``runner`` maps a kernel name and its arguments to the (compiled) function,
+    see :mod:`anact.kernels`. A double backward (``create_graph=True``) uses the
+    eager formulas, which are differentiable.
+    """
+
+    @staticmethod
+    def forward(x, scale, shift, act, channel_dim, runner):  # type: ignore[override]
+        return runner.output(x, scale, shift, act, channel_dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, shift, act, channel_dim, runner = inputs
+        ctx.save_for_backward(x, scale, shift)
+        ctx.act, ctx.channel_dim, ctx.runner = act, channel_dim, runner
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale, shift = ctx.saved_tensors
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            # create_graph=True: the eager, differentiable formulas
+            grad_x, grad_scale = backward_pass(
+                x, grad_out, scale, shift, act=ctx.act, channel_dim=ctx.channel_dim,
+                need_x=need_x, need_scale=need_scale,
+            )  # fmt: skip
+        else:
+            grad_x, grad_scale = ctx.runner.backward(
+                x, grad_out, scale, shift, ctx.act, ctx.channel_dim, need_x, need_scale
+            )
+        return grad_x, grad_scale, None, None, None, None
