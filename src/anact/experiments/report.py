@@ -154,7 +154,7 @@ def markdown_table(
         head.append("median top-5")
     if threshold is not None:
         head += [f"<{threshold:g}% @{e}" for e in threshold_epochs]
-    head += ["min/epoch (s)"]
+    head += ["s/epoch"]
     head += [f"paper {'under 98% @5/10/15/30/50' if k == 'under' else k}" for k in paper_keys]
 
     stats = {}
@@ -194,6 +194,7 @@ def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from anact.experiments.models import ACTIVATIONS
 
@@ -225,6 +226,7 @@ def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str,
         axes[1].set_ylim(max(0.0, sorted(finals)[len(finals) // 4] - 3.0), top + 0.5)
     axes[1].set_title("zoom on the top")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -243,6 +245,7 @@ def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str,
         for a in names:
             xs, ys = curve(a, attr)
             ax.plot(xs, ys, marker="o", ms=3, **style[a])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}\n{what}", fontsize=10)

@@ -8,7 +8,8 @@ For each (activation, run index i) the runner
 2. seeds torch with the run's seed, builds the model and optimizer
    (:attr:`Study.build`) and a per-run ``torch.Generator`` for the data order;
 3. resumes from ``DIR/checkpoints/run-<id>.pt`` if present (model, optimizer,
-   scheduler, torch and data-order RNG states, epoch);
+   scheduler, torch and data-order RNG states, epoch; the monitor holds nothing
+   across epochs: it is summarised and reset at each epoch's end);
 4. trains epoch by epoch under a :class:`anact.analysis.ConvergenceMonitor`
    (Score of eq. 22 and Σ|E W| of Figure 4, means over the epoch's steps),
    evaluates, writes the epoch to the store and then the checkpoint (atomically,
@@ -120,11 +121,12 @@ def run_one(
         study=study.name, model=study.model, dataset=config["dataset"],
         activation=activation, seed=seed, config=ident,
     )  # fmt: skip
+    ckpt_path = checkpoint_dir / f"run-{run_id}.pt"
     if store.run(run_id)["status"] == "done":
+        ckpt_path.unlink(missing_ok=True)  # left if killed between "done" and the delete
         return "skipped"
     if not store.claim(run_id):
         return "busy"
-    ckpt_path = checkpoint_dir / f"run-{run_id}.pt"
     _remove_partial_writes(ckpt_path)  # left by a process killed while saving
     try:
         if callable(data):
