@@ -406,3 +406,21 @@ def test_a_module_reused_in_one_forward_counts_once_per_use():
         pairs.append((rho, rho_p))
     np.testing.assert_allclose(rec["score"], _score(pairs), rtol=1e-4)
     assert list(mon.epoch_summary()["layers"]) == ["act", "act#1"]
+
+
+def test_shortcuts_are_only_used_for_the_functions_they_match():
+    from anact.analysis.monitors import _DSQ_SHORTCUTS, _dsq_sum, _shortcut_for
+
+    x = torch.randn(1000, dtype=torch.float32)
+    for name, params in (("relu", {}), ("lrelu", {"negative_slope": 0.3})):
+        act = anact.get_activation(name, **params)
+        assert _shortcut_for(act) is _DSQ_SHORTCUTS[name]
+        g = act.derivative(x.double())
+        torch.testing.assert_close(
+            _dsq_sum(x, act, _shortcut_for(act)).double(), torch.dot(g, g), rtol=1e-6, atol=0
+        )
+    # a different function that happens to be called "relu" gets the generic path
+    impostor = anact.Activation("relu", fn=torch.tanh, derivative=lambda t: 1 - torch.tanh(t) ** 2)
+    assert _shortcut_for(impostor) is None
+    g = impostor.derivative(x.double())
+    torch.testing.assert_close(_dsq_sum(x, impostor).double(), torch.dot(g, g), rtol=1e-5, atol=0)

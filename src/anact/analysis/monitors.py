@@ -157,9 +157,22 @@ _DSQ_SHORTCUTS: dict[str, Callable[[Tensor, Activation], Tensor]] = {
 }
 
 
-def _dsq_sum(xf: Tensor, act: Activation) -> Tensor:
-    """Σδ'(x)² over a flat float32 tensor; in chunks so that δ's temporaries stay in cache."""
+def _shortcut_for(act: Activation) -> Callable[[Tensor, Activation], Tensor] | None:
+    """The Σδ'² shortcut for ``act``, if one exists and agrees with its derivative
+    (a user may have registered another function under the same name)."""
     shortcut = _DSQ_SHORTCUTS.get(act.name)
+    if shortcut is None:
+        return None
+    probe = torch.cat([torch.linspace(-4, 4, 81), torch.zeros(1)])
+    g = act.derivative(probe)
+    ok = torch.allclose(shortcut(probe, act), torch.dot(g, g), rtol=1e-6, atol=1e-6)
+    return shortcut if ok else None
+
+
+def _dsq_sum(
+    xf: Tensor, act: Activation, shortcut: Callable[[Tensor, Activation], Tensor] | None = None
+) -> Tensor:
+    """Σδ'(x)² over a flat float32 tensor; in chunks so that δ's temporaries stay in cache."""
     if shortcut is not None:
         return shortcut(xf, act)
     total: Tensor | None = None
@@ -189,6 +202,7 @@ class _Layer:
             else None
         # call index within one forward pass (a module reused at several depths) -> records
         self.pending: dict[int, list[_Record]] = {}
+        self.dsq_shortcut = _shortcut_for(act)
         self.calls = 0
         self._pre_sums: _Record | None = None
 
@@ -196,11 +210,12 @@ class _Layer:
         """The name of the layer's ``call``-th use in a forward pass: ``name``, ``name#1``, …"""
         return self.name if call == 0 else f"{self.name}#{call}"
 
-    def scale(self, x: Tensor, mask: Tensor | None = None) -> Tensor | None:
-        """The factor c of the layer's function c·(δ(x) − shift): shape () or (C,)."""
+    def scale(self, x: Tensor, mask: Tensor | None = None) -> Tensor | float | None:
+        """The factor c of the layer's function c·(δ(x) − shift): shape () or (C,),
+        a float for GPN, None for a plain activation (c = 1)."""
         m = self.module
         if self.kind == "gpn":
-            return torch.tensor(float(m.a), device=x.device)
+            return float(m.a)
         if self.kind != "normalized":
             return None
         if m.track_running_stats:
@@ -222,25 +237,29 @@ class _Layer:
         x = x.detach().float()
         y = (self.act.fn(x) if y is None else y).detach().float()
         c = self.scale(x, mask)
-        if mask is None and (c is None or c.dim() == 0):
+        if mask is None and (not isinstance(c, Tensor) or c.dim() == 0):
             xf, yf = x.reshape(-1), y.reshape(-1)
             vec = torch.stack([
-                xf.sum(), torch.dot(xf, xf), yf.sum(), torch.dot(yf, yf), _dsq_sum(xf, self.act)
+                xf.sum(), torch.dot(xf, xf), yf.sum(), torch.dot(yf, yf),
+                _dsq_sum(xf, self.act, self.dsq_shortcut),
             ])
             return _Record(vec, float(x.numel()), c)
         return _Record(self._masked_or_channel_sums(x, y, c, mask), 0.0, None)
 
     def _masked_or_channel_sums(
-        self, x: Tensor, y: Tensor, c: Tensor | None, mask: Tensor | None
+        self, x: Tensor, y: Tensor, c: Tensor | float | None, mask: Tensor | None
     ) -> Tensor:
         """All of :data:`_FULL` (float64) for a mask and/or a per-channel scale c (C,)."""
         dims = list(range(x.dim()))
+        if isinstance(c, float):
+            c = torch.tensor(c, device=x.device)
         if c is not None and c.dim() > 0:
             cd = self.channel_dim % x.dim()
             dims.remove(cd)
             shape = [1] * x.dim()
             shape[cd] = c.numel()
             c = c.reshape(shape)
+        acc = torch.float64 if x.device.type != "mps" else torch.float32
         g = self.act.derivative(x)
         d = self.act.fn(x)
         if mask is not None:
@@ -248,10 +267,9 @@ class _Layer:
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             # masked-out elements may hold anything, NaN included
             x, y, g, d = (torch.where(m, t, zero) for t in (x, y, g, d))
-            n = m.sum(dtype=torch.float64)
+            n = m.sum(dtype=acc)
         else:
-            n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-        acc = torch.float64 if x.device.type != "mps" else torch.float32
+            n = torch.tensor(float(x.numel()), dtype=acc, device=x.device)
         gsq = g * g
         sg = gsq.sum(dtype=acc)
         if c is None:
@@ -274,24 +292,26 @@ _FULL = ("n", "x", "xx", "y", "yy", "g", "cg", "vd")
 
 class _Record:
     """One forward pass: ``vec`` = [Σx, Σx², Σy, Σy², Σδ'²] with count ``n`` and
-    scale ``c`` (() tensor or None) applied after the sync, or (n = 0) all of :data:`_FULL`."""
+    scale ``c`` (() tensor, float or None) applied after the sync, or (n = 0) all of
+    :data:`_FULL`."""
 
     __slots__ = ("vec", "n", "c")
 
-    def __init__(self, vec: Tensor, n: float, c: Tensor | None) -> None:
+    def __init__(self, vec: Tensor, n: float, c: Tensor | float | None) -> None:
         self.vec, self.n, self.c = vec, n, c
 
 
 def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
     """Pooled :data:`_FULL` of a step's forward passes; ``values`` yields, per record,
-    its ``vec`` then its ``c`` (if any), as floats."""
+    its ``vec`` then its ``c`` (if a tensor), as floats."""
     total = dict.fromkeys(_FULL, 0.0)
     for r in records:
         v = [next(values) for _ in range(r.vec.numel())]
         if not r.n:
             s = dict(zip(_FULL, v, strict=True))
         else:
-            c2 = next(values) ** 2 if r.c is not None else 1.0
+            c = next(values) if isinstance(r.c, Tensor) else r.c
+            c2 = 1.0 if c is None else c * c
             n, (x, xx, y, yy, g) = r.n, v
             # y = c·(δ − shift) with one c: n·Var[δ] = n·Var[y]/c²
             s = {"n": n, "x": x, "xx": xx, "y": y, "yy": yy, "g": g, "cg": c2 * g,
@@ -417,7 +437,7 @@ class ConvergenceMonitor:
         for layer, call in sites:
             for r in layer.pending[call]:
                 tensors.append(r.vec)
-                if r.c is not None:
+                if isinstance(r.c, Tensor):
                     tensors.append(r.c.reshape(1))
         weights = _weights(self.model)
         if weights:
