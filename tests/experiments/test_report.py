@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from anact.experiments.report import scaled_epochs, write_report
+from anact.experiments.report import scaled_epochs, spearman, write_report
 from anact.experiments.store import Store
 
 CURVES = {
@@ -33,9 +33,12 @@ def results(tmp_path):
     return tmp_path
 
 
-def row(text, label):
-    (line,) = [ln for ln in text.splitlines() if ln.startswith(f"| {label} |")]
-    return [c.strip() for c in line.strip("|").split("|")]
+def row(text, label, table=0):
+    """The cells of the row ``label`` in the ``table``-th table (0: Table 1 layout,
+    1: Score vs convergence)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith(f"| {label} |")]
+    assert len(lines) == 2
+    return [c.strip() for c in lines[table].strip("|").split("|")]
 
 
 def test_table_numbers(results):
@@ -81,3 +84,19 @@ def test_scaled_epochs():
 def test_missing_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="anact reproduce"):
         write_report(tmp_path)
+
+
+def test_convergence_table(results):
+    text = write_report(results, threshold=85.0, figures=False).read_text()
+    # Score per epoch 2.5, 2.0, 1.5 in every run -> mean 2.0; epoch-1 accuracy medians
+    assert row(text, "ReLU", 1)[1:] == ["2.000", "70.00", "3"]  # reach 85: epochs 2, 3, never
+    assert row(text, "NReLU", 1)[1:] == ["2.000", "85.50", "1"]  # reach 85: 1, 1, 2
+    assert "Score vs accuracy after epoch 1: –" in text  # two activations: undefined
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    x = [3.0, 1.0, 2.0, 2.0, 5.0, 0.5]
+    y = [10.0, 30.0, 20.0, 25.0, 1.0, 40.0]
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

@@ -20,7 +20,15 @@ from typing import Any
 
 from anact.experiments.store import Store
 
-__all__ = ["ActivationResult", "Group", "load_groups", "markdown_table", "write_report"]
+__all__ = [
+    "ActivationResult",
+    "Group",
+    "convergence_table",
+    "load_groups",
+    "markdown_table",
+    "spearman",
+    "write_report",
+]
 
 PAPER_EPOCHS = (5, 10, 15, 30, 50)
 
@@ -188,6 +196,81 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1  # ties share their mean rank
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (NaN if undefined)."""
+    if len(x) != len(y) or len(x) < 3:
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
+
+
+def convergence_table(
+    group: Group, threshold: float | None, order: Sequence[str] | None = None
+) -> str:
+    """Score (eq. 22) against convergence speed, per activation (medians over runs).
+
+    Columns: median over runs of the mean Score over epochs; median accuracy after
+    epoch 1; median epoch of first reaching ``threshold`` (">E" if a run never did;
+    the median then counts such runs as E + 1). Then Spearman's rank correlation
+    across activations between Score and epoch-1 accuracy: the paper (§3.1) finds
+    the Score "roughly inversely related to the speed of convergence", i.e. negative.
+    """
+    names = [a for a in (order or []) if a in group.results]
+    names += [a for a in group.results if a not in names]
+    head = ["method", "Score (mean over epochs)", "accuracy after epoch 1"]
+    if threshold is not None:
+        head.append(f"epochs to {threshold:g}%")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    scores, first = [], []
+    for a in names:
+        r = group.results[a]
+        per_run = [
+            statistics.fmean(v) if (v := [x for x in c if x is not None and math.isfinite(x)])
+            else math.nan
+            for c in r.score
+        ]  # fmt: skip
+        sc = statistics.median(per_run)
+        acc1 = statistics.median(c[0] for c in r.val_acc if c)
+        row = [_label(a), _fmt(sc, 3), _fmt(acc1)]
+        if threshold is not None:
+            reach = [
+                next((i + 1 for i, v in enumerate(c) if v >= threshold), len(c) + 1)
+                for c in r.val_acc
+            ]
+            med = statistics.median(reach)
+            row.append(f">{group.epochs}" if med > group.epochs else f"{med:g}")
+        lines.append("| " + " | ".join(row) + " |")
+        if math.isfinite(sc):
+            scores.append(sc)
+            first.append(acc1)
+    rho = spearman(scores, first)
+    lines += [
+        "",
+        f"Spearman rank correlation across activations, Score vs accuracy after epoch 1: "
+        f"{_fmt(rho)} (the paper's claim predicts a negative value: lower Score, faster "
+        "convergence).",
+    ]
+    return "\n".join(lines)
+
+
 def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str, Path]:
     """Three PNGs (accuracy, Score, Σ|E W|), median over runs; returns their paths."""
     import matplotlib
@@ -338,6 +421,7 @@ def write_report(
         if study and study.paper_caption:
             notes.append(study.paper_caption)
         lines += [" ".join(notes), ""]
+        lines += ["Score and convergence speed:", "", convergence_table(g, thr, order), ""]
         if figures:
             names = [a for a in order if a in g.results]
             names += [a for a in g.results if a not in names]
