@@ -237,3 +237,15 @@ def test_buffer_bn_for_sequence_inputs():
     bn.eval()
     ref = (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
     torch.testing.assert_close(bn(x), ref)
+
+
+def test_named_activation_with_parameters_and_model_dtype():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    conv = anact.convert(model, "lrelu", activation_params={"negative_slope": 0.3})
+    act = conv.get_submodule("1")
+    assert act.activation.params == {"negative_slope": 0.3}
+    assert act.running_rho.dtype == torch.float64  # a float64 model gets float64 statistics
+    with pytest.raises(TypeError, match="activation_params needs a named activation"):
+        anact.convert(model, activation_params={"negative_slope": 0.3})
+    half = anact.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).bfloat16())
+    assert half.get_submodule("1").running_rho.dtype == torch.float32

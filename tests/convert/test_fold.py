@@ -160,3 +160,26 @@ def test_fold_into_the_buffer_batchnorm(per_channel):
     assert isinstance(folded.get_submodule("3"), nn.SiLU)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fold_drops_the_mask_argument():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = anact.NSwish()
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x, mask):
+            return self.out(self.act(self.fc(x), mask))
+
+    torch.manual_seed(0)
+    model = Masked().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    mask = torch.rand(3, 5, 1) > 0.3
+    model(x, mask)
+    model.eval()
+    folded = anact.fold(model)
+    assert isinstance(folded.act, nn.SiLU)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x, mask), model(x, mask), rtol=1e-10, atol=1e-10)

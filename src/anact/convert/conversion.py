@@ -125,11 +125,16 @@ def _source_kinds(source: str | Iterable[str] | None) -> set[str]:
 
 
 def _factory(model: nn.Module) -> dict[str, Any]:
-    """device and dtype of the model's parameters (new modules are made alike)."""
+    """device of the model's parameters, and float64 for a float64 model.
+
+    Half-precision models keep float32 statistics and α (the core's default).
+    """
     p = next(iter(model.parameters()), None)
     if p is None or not p.is_floating_point():
         return {}
-    return {"device": p.device, "dtype": p.dtype}
+    if p.dtype == torch.float64:
+        return {"device": p.device, "dtype": p.dtype}
+    return {"device": p.device}
 
 
 def _make_module(site_kind: str, site_params: dict[str, Any], activation: str | None,
@@ -240,8 +245,8 @@ def convert(
     if activation is not None:
         get_activation(activation, **kwargs.get("activation_params", {}))  # fail early
     kinds = _source_kinds(source)
-    NormalizedActivation("relu", **{k: v for k, v in kwargs.items()
-                                    if k not in ("channel_dim",)})  # validate kwargs early
+    NormalizedActivation("relu", **{k: v for k, v in kwargs.items()  # validate kwargs early
+                                    if k not in ("channel_dim", "activation_params")})
     params_before = _count(model)
     work = model if inplace else copy.deepcopy(model)
     if mode == "graph":
