@@ -183,3 +183,23 @@ def test_fold_drops_the_mask_argument():
     assert isinstance(folded.act, nn.SiLU)
     with torch.no_grad():
         torch.testing.assert_close(folded(x, mask), model(x, mask), rtol=1e-10, atol=1e-10)
+
+
+def test_untraceable_model_folds_in_modules_mode():
+    from anact.convert import ConversionError
+
+    from .models import Untraceable
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    model = anact.convert(Untraceable().double(), mode="modules", example_inputs=(x,))
+    model(x)
+    _randomise(model, False, torch.Generator().manual_seed(5))
+    model.eval()
+    with pytest.raises(ConversionError, match="mode='modules'"):
+        anact.fold(model)
+    folded = anact.fold(model, mode="modules")
+    assert type(folded) is Untraceable
+    assert not any(isinstance(m, anact.NormalizedActivation) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)

@@ -19,6 +19,7 @@ from torch import Tensor, fx, nn
 
 from anact.activations import Activation
 from anact.convert._sites import BATCHNORMS, FeatureBatchNorm, Tracer
+from anact.convert.conversion import ConversionError
 from anact.modules import NormalizedActivation
 
 __all__ = ["FoldedActivation", "fold"]
@@ -54,7 +55,9 @@ class FoldedActivation(nn.Module):
         shape[self.channel_dim] = -1
         return t.to(x.dtype).reshape(shape)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` is accepted (as by NormalizedActivation) and ignored: it only
+        ever changed the training statistics."""
         y = self.activation.fn(x)
         if self.shift is not None:
             y = y - self._view(self.shift, x)
@@ -239,13 +242,34 @@ def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Modu
     return f"folded scale into {names}; shift kept (zero padding of a Conv)"
 
 
+def _fold_modules(model: nn.Module) -> list[str]:
+    """Replace each NormalizedActivation module by its FoldedActivation, in place."""
+    report = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, NormalizedActivation):
+            continue
+        if not m.track_running_stats:
+            report.append(f"{name}: not folded (track_running_stats=False uses "
+                          "batch statistics in eval)")
+            continue
+        new = FoldedActivation(m.activation, m.scale().detach(), m.shift().detach(),
+                               m.channel_dim)
+        parent, _, leaf = name.rpartition(".")
+        if not leaf:
+            raise ConversionError("the model itself is a NormalizedActivation: fold its parent")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        report.append(f"{name}: replaced by its fixed affine form (modules mode)")
+    return report
+
+
 def fold(
     model: nn.Module,
     *,
     example_inputs: Sequence[Any] | None = None,
+    mode: str = "graph",
     inplace: bool = False,
     return_report: bool = False,
-) -> fx.GraphModule | tuple[fx.GraphModule, list[str]]:
+) -> nn.Module | tuple[nn.Module, list[str]]:
     """An inference copy of ``model`` with every NormalizedActivation folded.
 
     Each :class:`anact.NormalizedActivation` (which needs running statistics)
@@ -260,6 +284,9 @@ def fold(
         model: a traceable module (e.g. the output of :func:`anact.convert`).
         example_inputs: optional; gives tensor ranks, so per-channel statistics
             with ``channel_dim=1`` on (N, F) inputs can fold into a Linear.
+        mode: ``"graph"`` (default) traces with torch.fx and folds into the next
+            layers; ``"modules"`` (for models fx cannot trace) only replaces each
+            NormalizedActivation module by its FoldedActivation, keeping the class.
         inplace: change ``model``'s own layers instead of a deep copy.
         return_report: also return one line per folded activation.
 
@@ -267,9 +294,22 @@ def fold(
         An ``fx.GraphModule`` in eval mode (for inference only: training it
         would not update any statistics), and the report when asked.
     """
+    if mode not in ("graph", "modules"):
+        raise ValueError(f"mode must be 'graph' or 'modules', got {mode!r}")
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    gm = fx.GraphModule(work, Tracer().trace(work), work.__class__.__name__)
+    if mode == "modules":
+        lines = _fold_modules(work)
+        return (work, lines) if return_report else work
+    try:
+        graph = Tracer().trace(work)
+    except Exception as e:  # torch.fx raises TraceError, TypeError, ... on dynamic control flow
+        raise ConversionError(
+            f"torch.fx could not trace {type(work).__name__}: {type(e).__name__}: {e}\n"
+            "What to do: anact.fold(model, mode='modules') replaces each NormalizedActivation "
+            "by its fixed affine form without tracing (no folding into the next layer)."
+        ) from e
+    gm = fx.GraphModule(work, graph, work.__class__.__name__)
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
