@@ -408,17 +408,31 @@ def test_a_module_reused_in_one_forward_counts_once_per_use():
     assert list(mon.epoch_summary()["layers"]) == ["act", "act#1"]
 
 
+@pytest.mark.parametrize(
+    "name,params",
+    [(n, {}) for n in anact.list_activations()]
+    + [("lrelu", {"negative_slope": 0.3}), ("elu", {"alpha": 0.4}),
+       ("softplus", {"beta": 2.0, "threshold": 3.0})],
+)
+def test_derivative_square_sums_match_float64(name, params):
+    # the fast Σδ'² (sign counts, fused backward kernels, chunks) vs the registered δ' in float64
+    from anact.analysis.monitors import _CHUNK, _dsq_sum, _shortcut_for
+
+    act = anact.get_activation(name, **params)
+    x = torch.randn(2 * _CHUNK + 1001, generator=torch.Generator().manual_seed(0)) * 3
+    x[:7] = torch.tensor([0.0, -3.0, 3.0, 1.5, 25.0, -25.0, 0.0])  # kinks of some functions
+    g = act.derivative(x.double())
+    expected = torch.dot(g, g)
+    got = _dsq_sum(x, act, _shortcut_for(act)).double()
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=0)
+
+
 def test_shortcuts_are_only_used_for_the_functions_they_match():
     from anact.analysis.monitors import _DSQ_SHORTCUTS, _dsq_sum, _shortcut_for
 
+    for name in ("relu", "lrelu", "swish", "gelu", "mish", "elu", "selu", "softplus"):
+        assert _shortcut_for(anact.get_activation(name)) is _DSQ_SHORTCUTS[name], name
     x = torch.randn(1000, dtype=torch.float32)
-    for name, params in (("relu", {}), ("lrelu", {"negative_slope": 0.3})):
-        act = anact.get_activation(name, **params)
-        assert _shortcut_for(act) is _DSQ_SHORTCUTS[name]
-        g = act.derivative(x.double())
-        torch.testing.assert_close(
-            _dsq_sum(x, act, _shortcut_for(act)).double(), torch.dot(g, g), rtol=1e-6, atol=0
-        )
     # a different function that happens to be called "relu" gets the generic path
     impostor = anact.Activation("relu", fn=torch.tanh, derivative=lambda t: 1 - torch.tanh(t) ** 2)
     assert _shortcut_for(impostor) is None
