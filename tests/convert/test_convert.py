@@ -249,3 +249,19 @@ def test_named_activation_with_parameters_and_model_dtype():
         anact.convert(model, activation_params={"negative_slope": 0.3})
     half = anact.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).bfloat16())
     assert half.get_submodule("1").running_rho.dtype == torch.float32
+
+
+def test_state_dict_round_trip_between_two_conversions():
+    def build():
+        return nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+
+    torch.manual_seed(0)
+    a = anact.convert(build())
+    a(torch.randn(8, 3))
+    b = anact.convert(build())
+    b.load_state_dict(a.state_dict())  # same names: strict loading works
+    a.eval()
+    b.eval()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(b(x), a(x))
+    assert "1.weight" not in a.state_dict() and "3_buffer_bn.running_mean" in a.state_dict()

@@ -158,6 +158,11 @@ def test_fold_into_the_buffer_batchnorm(per_channel):
     folded, rep = anact.fold(model, return_report=True)
     assert "running statistics of 4_buffer_bn" in rep[1]
     assert isinstance(folded.get_submodule("3"), nn.SiLU)
+    # and the buffer BN itself (eval: an affine map per feature) folds into the head
+    assert rep[-1] == "4_buffer_bn: buffer BatchNorm folded into 4"
+    from anact.convert import FeatureBatchNorm
+
+    assert not any(isinstance(m, FeatureBatchNorm) for m in folded.modules())
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
 

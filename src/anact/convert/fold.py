@@ -204,6 +204,50 @@ def _try_fold_into_batchnorm(node: fx.Node, m: NormalizedActivation,
     return f"folded scale and shift into the running statistics of {nxt.target}"
 
 
+def _fold_feature_batchnorms(gm: fx.GraphModule, modules: dict[str, nn.Module],
+                             calls: dict[str, int]) -> list[str]:
+    """Fold each eval buffer BN (FeatureBatchNorm) into the Linear head right after it.
+
+    BN(z) = a·z + d with a = γ/sqrt(var + eps), d = β − mean·a (per feature), so
+    Linear(BN(z)) = (W·a) z + (W d + b).
+    """
+    out = []
+    for node in list(gm.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, FeatureBatchNorm) or bn.running_mean is None:
+            continue
+        if len(node.users) != 1 or calls.get(node.target) != 1:
+            continue
+        nxt = next(iter(node.users))
+        lin = modules.get(nxt.target) if nxt.op == "call_module" else None
+        if not isinstance(lin, nn.Linear) or calls.get(nxt.target) != 1:
+            continue
+        if nxt.args[0] is not node or node in nxt.args[1:]:
+            continue
+        a = torch.rsqrt(bn.running_var.double() + bn.eps)
+        d = -bn.running_mean.double() * a
+        if bn.affine:
+            a, d = a * bn.weight.double(), d * bn.weight.double() + bn.bias.double()
+        w = lin.weight.detach().double()
+        with torch.no_grad():
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=lin.weight.dtype,
+                                                    device=lin.weight.device))
+            lin.bias.copy_((lin.bias.double() + w @ d).to(lin.bias.dtype))
+            lin.weight.copy_((w * a).to(lin.weight.dtype))
+        nxt.args = (node.args[0], *nxt.args[1:])
+        gm.graph.erase_node(node)
+        _delete(gm, str(node.target))
+        out.append(f"{node.target}: buffer BatchNorm folded into {nxt.target}")
+    return out
+
+
+def _delete(gm: nn.Module, target: str) -> None:
+    parent, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    del owner._modules[leaf]
+
+
 def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Module],
               calls: dict[str, int]) -> str:
     """Fold c (and μ when exact) into the next layers; returns what happened."""
@@ -343,6 +387,7 @@ def fold(
         node.target = name
         node.args, node.kwargs = node.args[:1], {}  # a mask only ever changed statistics
         report.append(f"{node.target}: {what}")
+    report.extend(_fold_feature_batchnorms(gm, modules, calls))
     gm.graph.lint()
     gm.recompile()
     gm.eval()
