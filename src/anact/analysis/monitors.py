@@ -475,12 +475,14 @@ class ConvergenceMonitor:
                 if isinstance(r.c, Tensor):
                     tensors.append(r.c.reshape(1))
         weights = _weights(self.model)
-        if weights:
-            tensors.append(_weight_sum(weights).reshape(1))
+        with torch.no_grad():
+            tensors.extend(w.detach().mean(dtype=torch.float32).reshape(1) for w in weights)
         if len({t.device for t in tensors}) > 1:
             tensors = [t.cpu() for t in tensors]
-        # the one synchronisation per step
-        values = iter(torch.cat([t.double() for t in tensors]).tolist() if tensors else [])
+        if len({t.dtype for t in tensors}) > 1:
+            tensors = [t.double() for t in tensors]
+        # the one synchronisation per step (float32 sums become Python float64 here)
+        values = iter(torch.cat(tensors).tolist() if tensors else [])
         layers: dict[str, dict[str, float]] = {}
         score = 0.0
         for layer, call in sites:
@@ -492,7 +494,7 @@ class ConvergenceMonitor:
         for layer in fired:
             layer.pending.clear()
             layer.calls = 0
-        wsum_value = next(values) if weights else 0.0
+        wsum_value = sum(abs(next(values)) for _ in weights)  # Σ_i |E[W_i]| (Figure 4)
         record = {"score": score, "weight_mean_abs_sum": wsum_value, "layers": layers}
         self.history.append(record)
         return record
