@@ -103,3 +103,11 @@ def test_bleu_backend_validation() -> None:
     with pytest.raises(ValueError, match="backend"):
         bleu(["a"], ["a"], backend="nltk")  # type: ignore[arg-type]
     assert bleu(["a b c d"], ["a b c d"], backend="anact") == pytest.approx(100.0)
+
+
+@pytest.mark.skipif(not sacrebleu_available(), reason="sacrebleu not installed")
+def test_pretokenized_input_gives_no_detokenize_warning(caplog: pytest.LogCaptureFixture) -> None:
+    hyps = ["the dog runs ."] * 120
+    with caplog.at_level("WARNING"):
+        assert bleu(hyps, hyps, tokenize="none") == pytest.approx(100.0)
+    assert "detokenize" not in caplog.text

@@ -166,7 +166,11 @@ def sacrebleu_score(
     if references and isinstance(references[0], str):
         references = [list(references)]  # type: ignore[list-item]
     result = sacrebleu.corpus_bleu(
-        list(hypotheses), [list(r) for r in references], tokenize=tokenize, lowercase=lowercase
+        list(hypotheses),
+        [list(r) for r in references],
+        tokenize=tokenize,
+        lowercase=lowercase,
+        force=tokenize == "none",  # pre-tokenised input on purpose: no "detokenize" warning
     )
     return float(result.score)
 
