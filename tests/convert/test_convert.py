@@ -265,3 +265,15 @@ def test_state_dict_round_trip_between_two_conversions():
     x = torch.randn(4, 3)
     torch.testing.assert_close(b(x), a(x))
     assert "1.weight" not in a.state_dict() and "3_buffer_bn.running_mean" in a.state_dict()
+
+
+def test_per_channel_num_features_from_the_layer_before():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(),
+                          nn.Conv2d(5, 7, 1), nn.SiLU(), nn.Flatten(), nn.Linear(7, 4),
+                          nn.Tanh(), nn.Linear(4, 2))
+    conv = anact.convert(model, channel_dim=1)  # no example_inputs: found from BN/Conv/Linear
+    assert [m.num_features for m in conv.modules()
+            if isinstance(m, anact.NormalizedActivation)] == [5, 7, 4]
+    conv(torch.randn(2, 3, 3, 3))
+    with pytest.raises(ConversionError, match="pass example_inputs"):
+        anact.convert(nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(4, 2)), channel_dim=1)

@@ -162,13 +162,12 @@ def _strip_affine(bn: nn.Module) -> None:
     bn.bias = None
 
 
-def _num_features_of(node: fx.Node, modules: dict[str, nn.Module], channel_dim: int) -> int | None:
-    """C of the activation's input, from tensor metadata or the producing layer."""
-    meta = node.meta.get("tensor_meta")
+def _num_features_of(src: fx.Node, modules: dict[str, nn.Module], channel_dim: int) -> int | None:
+    """C of the activation's input ``src``, from tensor metadata or the layer producing it."""
+    meta = src.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
         return int(meta.shape[channel_dim])
-    src = input_node(node)
-    if src is not None and src.op == "call_module":
+    if src.op == "call_module":
         m = modules.get(src.target)
         if isinstance(m, BATCHNORMS):
             return m.num_features
@@ -389,6 +388,7 @@ def _convert_graph(model, activation, kinds, remove_bn_affine, buffer_bn, skip_a
         gm.add_submodule(name, new)
         with graph.inserting_after(node):
             repl = graph.call_module(name, (input_node(node),))
+        repl.meta = dict(node.meta)  # shapes (tensor_meta) for the sites after it
         node.replace_all_uses_with(repl)
         graph.erase_node(node)
         records[id(node)].module = name
