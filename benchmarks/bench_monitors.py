@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per timing (K)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="ConvergenceMonitor(max_rows=...): statistics on a sub-batch")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def main() -> None:
 
         return run
 
-    with ConvergenceMonitor(mon_model) as mon:
+    with ConvergenceMonitor(mon_model, max_rows=args.max_rows) as mon:
         run_plain, run_mon = runner(plain_model, None), runner(mon_model, mon)
         run_plain(), run_mon()  # warm-up
         wall, cpu, t_plain, t_mon = [], [], [], []
@@ -91,6 +93,7 @@ def main() -> None:
     med = statistics.median
     print(f"LeNet5/{args.act} ({n_layers} monitored layers), batch {args.batch}, "
           f"{args.threads} thread(s), {args.repeats} repeats x {args.steps} steps, "
+          f"max_rows={args.max_rows}, "
           f"torch {torch.__version__}")
     print(f"step without monitor: {1e3 * med(t_plain):.2f} ms, with: {1e3 * med(t_mon):.2f} ms "
           "(median wall time)")

@@ -438,3 +438,25 @@ def test_shortcuts_are_only_used_for_the_functions_they_match():
     assert _shortcut_for(impostor) is None
     g = impostor.derivative(x.double())
     torch.testing.assert_close(_dsq_sum(x, impostor).double(), torch.dot(g, g), rtol=1e-5, atol=0)
+
+
+def test_max_rows_uses_the_first_rows_but_the_whole_batch_scale():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 12), anact.NSwish(track_running_stats=False), nn.Tanh())
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model, max_rows=5)
+    model(torch.randn(40, 3) * 2)
+    rec = mon.step()["layers"]
+    x, y = cap.inputs["1"], cap.outputs["1"]
+    f, df = _NP["swish"]
+    d, dd = f(x, {}), df(x, {})
+    c2 = y.var() / d.var()  # the scale the forward used, from all 40 rows
+    xs, ys, dds = x[:5], y[:5], dd[:5]
+    np.testing.assert_allclose(rec["1"]["rho"], ys.var() / xs.var(), rtol=1e-4)
+    np.testing.assert_allclose(rec["1"]["rho_prime"], c2 * np.mean(dds**2), rtol=1e-4)
+    xt = cap.inputs["2"][:5]
+    rho, rho_p = _expected_plain(xt, mon.layers["2"])
+    np.testing.assert_allclose(rec["2"]["rho"], rho, rtol=1e-4)
+    np.testing.assert_allclose(rec["2"]["rho_prime"], rho_p, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_rows"):
+        ConvergenceMonitor(model, max_rows=0)

@@ -265,15 +265,23 @@ class _Layer:
             c = AF.lambda_factor(rho, rho_prime, m.eps) + m.beta * torch.tanh(m.alpha)
         return c.detach().float()
 
-    def sums(self, x: Tensor, y: Tensor | None, mask: Tensor | None) -> _Record:
+    def sums(
+        self, x: Tensor, y: Tensor | None, mask: Tensor | None, max_rows: int | None = None
+    ) -> _Record:
         """The power sums of one forward pass (see :class:`_Record`), still on the device.
 
         ``y`` is the layer's output, or None before the forward (in-place layers,
-        which are plain: their output is δ(x)).
+        which are plain: their output is δ(x)). ``max_rows``: use only the first
+        rows of dimension 0.
         """
         x = x.detach().float()
+        c = self.scale(x, mask)  # from the whole batch, as the forward pass did
+        if max_rows is not None and x.dim() and x.shape[0] > max_rows:
+            x = x[:max_rows]
+            y = None if y is None else y[:max_rows]
+            if mask is not None and mask.dim() == x.dim() and mask.shape[0] > 1:
+                mask = mask[:max_rows]
         y = (self.act.fn(x) if y is None else y).detach().float()
-        c = self.scale(x, mask)
         if mask is None and (not isinstance(c, Tensor) or c.dim() == 0):
             xf, yf = x.reshape(-1), y.reshape(-1)
             vec = torch.stack([
@@ -373,6 +381,11 @@ class ConvergenceMonitor:
             :func:`activation_of` recognises is monitored.
         training_only: record only forward passes of modules in training mode
             (default), so validation passes leave the statistics alone.
+        max_rows: if set, each layer's statistics use only the first ``max_rows``
+            entries along dimension 0 of its input: a random sub-batch when batches
+            are shuffled and dimension 0 is the batch (not for sequence-first
+            layouts). Trades exactness for speed on large activations; the default
+            ``None`` uses every element.
 
     Hooks run under ``torch.no_grad`` on the detached layer input, in float32.
     The elements of several forward passes within one step (gradient
@@ -389,11 +402,16 @@ class ConvergenceMonitor:
             :data:`LAYER_STATS` plus ``lam``).
     """
 
-    def __init__(self, model: nn.Module, *, training_only: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, training_only: bool = True, max_rows: int | None = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"ConvergenceMonitor needs an nn.Module, got {type(model).__name__}")
+        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
         self.model = model
         self.training_only = training_only
+        self.max_rows = max_rows
         self._layers: list[_Layer] = []
         self._handles: list[Any] = []
         for name, module in model.named_modules():
@@ -428,7 +446,9 @@ class ConvergenceMonitor:
             if not self._active(module) or not args:
                 return
             with torch.no_grad():
-                layer._pre_sums = layer.sums(args[0], None, _mask_of(layer, args, kwargs))
+                layer._pre_sums = layer.sums(
+                    args[0], None, _mask_of(layer, args, kwargs), self.max_rows
+                )
 
         return hook
 
@@ -442,7 +462,9 @@ class ConvergenceMonitor:
                     return
             else:
                 with torch.no_grad():
-                    sums = layer.sums(args[0], output, _mask_of(layer, args, kwargs))
+                    sums = layer.sums(
+                        args[0], output, _mask_of(layer, args, kwargs), self.max_rows
+                    )
             layer.pending.setdefault(layer.calls, []).append(sums)
             layer.calls += 1
 
