@@ -184,8 +184,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "rscore",
         help="R score vs σ of activations (paper Figure 2): PNG, CSV, markdown",
         description="R(δ, σ) = ln(Var[δ(x)] / (σ²·E[δ'(x)²])), x ~ N(0, σ²) (eq. 19-21), "
-        "computed exactly. Default range 0.01-10 on a log axis: ReLU-like functions are "
-        "flat at ln(1 - 1/π) = -0.383, smooth ones tend to 0 as σ → 0.",
+        "computed exactly. Default range 0.01-10 on a log axis: ReLU is flat at "
+        "ln(1 - 1/π) = -0.383; functions with a continuous slope at 0 (Tanh, ELU, Swish, "
+        "GELU, Mish) tend to 0 as σ → 0 and fall as σ grows; SELU, whose slope jumps at 0, "
+        "stays below -0.03.",
     )
     p.add_argument(
         "--activations", nargs="+", type=parse_activation, default=list(FIGURE2_ACTIVATIONS),
