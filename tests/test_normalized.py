@@ -412,3 +412,21 @@ def test_module_used_twice_in_one_graph():
     out = module(module(x))
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_torch_save_whole_model():
+    import io
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), anact.NLReLU(negative_slope=0.2),
+                                anact.GPN("elu", alpha=2.0), anact.NSwish(4, channel_dim=1))
+    model(torch.randn(6, 3))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded[1].activation.params == {"negative_slope": 0.2}
+    assert loaded[2].activation.params == {"alpha": 2.0}
+    model.eval()
+    loaded.eval()
+    x = torch.randn(5, 3)
+    assert torch.equal(model(x), loaded(x))

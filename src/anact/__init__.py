@@ -26,10 +26,10 @@ from anact.convert import (
 )
 from anact.modules import (
     GPN,
-    LAHardSiLU,
-    LASiLU,
     NELU,
     NGELU,
+    LAHardSiLU,
+    LASiLU,
     NLReLU,
     NMish,
     NormalizedActivation,

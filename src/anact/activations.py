@@ -55,6 +55,14 @@ class Activation:
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
 
+    def __reduce__(self):
+        # pickled by registry name and parameters, so modules holding one can be saved
+        # with torch.save(model); an unregistered Activation pickles only if its functions do
+        key = _ALIASES.get(self.name.lower(), self.name.lower())
+        if key in _REGISTRY:
+            return (_rebuild, (self.name, dict(self.params)))
+        return super().__reduce__()
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"Activation({self.name}{', ' + args if args else ''})"
@@ -104,6 +112,10 @@ def register_activation(
     if factory is None:
         return _register
     return _register(factory)
+
+
+def _rebuild(name: str, params: dict[str, Any]) -> Activation:
+    return get_activation(name, **params)
 
 
 def list_activations() -> list[str]:
