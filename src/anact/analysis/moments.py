@@ -46,22 +46,22 @@ class GaussianMoments:
     of σ's shape.
 
     Attributes:
-        sigma: the σ the moments were computed at.
         mean: E[δ(x)].
         second_moment: E[δ(x)²].
         var: Var[δ(x)] (computed as E[(δ(x) − E[δ(x)])²], no cancellation).
         rho: Var[δ(x)] / σ² (eq. 5, 31).
         rho_prime: E[δ'(x)²] (eq. 6).
         lam: sqrt((ρ + ρ') / (2ρρ')) (eq. 13).
+        sigma: the σ the moments were computed at.
     """
 
-    sigma: float | np.ndarray
     mean: float | np.ndarray
     second_moment: float | np.ndarray
     var: float | np.ndarray
     rho: float | np.ndarray
     rho_prime: float | np.ndarray
     lam: float | np.ndarray
+    sigma: float | np.ndarray
 
     @property
     def r_score(self) -> float | np.ndarray:
