@@ -101,7 +101,7 @@ def test_gaussian_hardswish_against_scipy():
     hs = anact.get_activation("hardswish")
     sigmas = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
     (got,) = gaussian_expectation([lambda x: hs.derivative(x) ** 2], sigmas, hs.kinks)
-    for s, g in zip(sigmas.tolist(), got.tolist()):
+    for s, g in zip(sigmas.tolist(), got.tolist(), strict=False):
         def f(x, s=s):
             d = hs.derivative(torch.tensor(x, dtype=torch.float64)).item()
             return d * d * math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi))

@@ -220,6 +220,10 @@ def _swish() -> Activation:
     return Activation("swish", fn=F.silu, derivative=d, module=torch.nn.SiLU)
 
 
+def _elu_derivative(x: Tensor, alpha: float) -> Tensor:
+    return torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(x.clamp(max=0)))
+
+
 @register_activation("elu")
 def _elu(alpha: float = 1.0) -> Activation:
     # eq. 28
@@ -227,7 +231,7 @@ def _elu(alpha: float = 1.0) -> Activation:
     return Activation(
         "elu",
         fn=lambda x: F.elu(x, a),
-        derivative=lambda x: torch.where(x > 0, torch.ones_like(x), a * torch.exp(x.clamp(max=0))),
+        derivative=lambda x: _elu_derivative(x, a),
         kinks=(0.0,),
         params={"alpha": a},
         module=lambda: torch.nn.ELU(a),
@@ -245,7 +249,7 @@ def _selu() -> Activation:
     return Activation(
         "selu",
         fn=F.selu,
-        derivative=lambda x: s * torch.where(x > 0, torch.ones_like(x), a * torch.exp(x.clamp(max=0))),
+        derivative=lambda x: s * _elu_derivative(x, a),
         kinks=(0.0,),
         module=torch.nn.SELU,
     )
