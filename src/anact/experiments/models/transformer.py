@@ -181,17 +181,22 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, src_mask)
         return self.enc_norm(x), src_mask
 
-    def decode(
-        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor | None = None
+    def _decode_hidden(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor | None
     ) -> Tensor:
-        """Target prefix ids (N, T) (starting with ``<bos>``) → logits (N, T, V)."""
         tgt_mask = self._mask(tgt_in, tgt_mask)
         t = tgt_in.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=tgt_in.device).triu(1)
         y = self._embed(self.tgt_embed, tgt_in)
         for layer in self.decoder:
             y = layer(y, memory, tgt_mask, src_mask, causal)
-        return self.out(self.dec_norm(y))
+        return self.dec_norm(y)
+
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor | None = None
+    ) -> Tensor:
+        """Target prefix ids (N, T) (starting with ``<bos>``) → logits (N, T, V)."""
+        return self.out(self._decode_hidden(tgt_in, memory, src_mask, tgt_mask))
 
     def forward(
         self,
@@ -225,8 +230,10 @@ class Seq2SeqTransformer(nn.Module):
         done = torch.zeros(n, dtype=torch.bool, device=src.device)
         max_len = min(max_len, self.pe.shape[0] - 1)
         for _ in range(max_len):
-            logits = self.decode(ys, memory, src_mask, torch.ones_like(ys, dtype=torch.bool))
-            nxt = logits[:, -1].argmax(-1)
+            hidden = self._decode_hidden(
+                ys, memory, src_mask, torch.ones_like(ys, dtype=torch.bool)
+            )
+            nxt = self.out(hidden[:, -1]).argmax(-1)  # only the last position is needed
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             ys = torch.cat([ys, nxt.unsqueeze(1)], dim=1)
             done |= nxt == eos_id
