@@ -423,8 +423,10 @@ def test_derivative_square_sums_match_float64(name, params):
     x[:7] = torch.tensor([0.0, -3.0, 3.0, 1.5, 25.0, -25.0, 0.0])  # kinks of some functions
     g = act.derivative(x.double())
     expected = torch.dot(g, g)
-    got = _dsq_sum(x, act, _shortcut_for(act)).double()
-    torch.testing.assert_close(got, expected, rtol=2e-5, atol=0)
+    prime = _shortcut_for(act)
+    for buf in (None, torch.empty(_CHUNK)):  # one pass; chunks through a scratch buffer
+        got = _dsq_sum(x, act, prime, buf).double()
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=0)
 
 
 def test_shortcuts_are_only_used_for_the_functions_they_match():
