@@ -8,7 +8,9 @@ and is not packaged); the validation set is the official test split.
 
 Defaults are sized for ~10 minutes on a 2-core CPU (see docs/results.md): 9
 activations × 3 runs × 5 epochs on the first 10 000 training images, plain SGD
-(lr 0.05, batch 64; the paper gives no learning rate).
+(lr 0.05, batch 64; the paper gives no learning rate). At lr 0.05 NReLU, whose
+scales λ reach 2-4 in LeNet5, diverged in 2 of 3 runs on this machine, and at
+lr 0.02 it beat ReLU (docs/results.md): the learning rate is the setting to vary.
 ``--paper``: 25 runs × 50 epochs on the full training set.
 """
 
