@@ -28,10 +28,12 @@ which fuses each into one loop over x (C++/OpenMP on CPU, Triton on CUDA).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from anact import functional as AF
@@ -55,6 +57,29 @@ class PrepareConfig:
     reduce_moments: bool  # when True, _prepare stops after the moments
 
 
+def _gelu_joint(x: Tensor) -> tuple[Tensor, Tensor]:
+    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+    return x * cdf, cdf + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+
+
+def _swish_joint(x: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    return x * s, s * (1 + x * (1 - s))
+
+
+# δ and δ' sharing their transcendental (one exp/erf instead of two): the compiler
+# cannot merge F.silu's exp with sigmoid's inside δ'; same values up to rounding
+_JOINT = {(F.silu, "swish"): _swish_joint, (F.gelu, "gelu"): _gelu_joint}
+
+
+def fn_and_derivative(act: Activation, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(δ(x), δ'(x)), sharing work for the built-in swish and GELU."""
+    joint = _JOINT.get((act.fn, act.name))
+    if joint is not None:
+        return joint(x)
+    return act.fn(x), act.derivative(x)
+
+
 def _pilot(t: Tensor, channel_dim: int | None) -> Tensor:
     """The first element of t (per channel), shaped to broadcast against t."""
     if channel_dim is None:
@@ -68,8 +93,8 @@ def fused_moments(x: Tensor, act: Activation, channel_dim: int | None) -> AF.Bat
     """:func:`anact.functional.batch_moments` without a mask, as one sweep over x."""
     dims = AF._reduce_dims(x, channel_dim)
     xf = x.to(AF._stat_dtype(x))
-    y = act.fn(xf)
-    dsq = act.derivative(xf).square()
+    y, d = fn_and_derivative(act, xf)
+    dsq = d.square()
     kx = _pilot(xf, channel_dim)
     ky = act.fn(kx)
     xs, ys = xf - kx, y - ky
@@ -167,13 +192,14 @@ def backward_pass(
 ) -> tuple[Tensor | None, Tensor | None]:
     """∂L/∂x = s·δ'(x)·g and ∂L/∂s = Σ g·(δ(x) − μ) in one sweep (eq. 36–37, 41–42)."""
     s = AF._broadcast_shape(x, channel_dim, scale).to(x.dtype)
+    y, d = fn_and_derivative(act, x)
     grad_x = grad_scale = None
     if need_x:
-        grad_x = grad_out * act.derivative(x) * s
+        grad_x = grad_out * d * s
     if need_scale:
         b = AF._broadcast_shape(x, channel_dim, shift).to(x.dtype)
         dims = AF._reduce_dims(x, channel_dim if scale.dim() else None)
-        grad_scale = (grad_out * (act.fn(x) - b)).sum(dim=dims, dtype=scale.dtype)
+        grad_scale = (grad_out * (y - b)).sum(dim=dims, dtype=scale.dtype)
     return grad_x, grad_scale
 
 

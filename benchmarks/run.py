@@ -1,0 +1,356 @@
+"""Normalized activations against their plain counterparts, as ratios in one process.
+
+    python benchmarks/run.py            # full shapes (minutes, plus one-off compilation)
+    python benchmarks/run.py --quick    # smaller shapes and fewer repeats
+
+Every figure is a ratio to the plain counterpart measured in the same process,
+interleaved round by round (the order rotates each round), and reported as the
+median over rounds of the per-round ratio, so that load from other processes on
+a shared machine affects both sides alike. Torch runs single-threaded by
+default (``--threads``) and time is this thread's CPU time
+(``time.thread_time``: user + system, page faults included, time spent
+descheduled by other processes excluded); with ``--threads`` > 1 it is wall time.
+Memory:
+
+* kept for backward: bytes of the distinct storages that autograd saves
+  (``torch.autograd.graph.saved_tensors_hooks``);
+* peak of a training step: the process's resident-set high-water mark (VmHWM,
+  reset through ``/proc/self/clear_refs``) above the resident set before the
+  step, on Linux; large tensors are ``mmap``-ed by the allocator, so this sees
+  every transient buffer.
+
+Prints one markdown table (and, with ``--json PATH``, writes the raw figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import LeNet5, ResNet50  # noqa: E402
+
+import anact  # noqa: E402
+import anact.kernels as K  # noqa: E402
+
+Row = dict[str, object]
+
+
+# ---------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------
+
+
+_clock = time.thread_time
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], base: str, repeats: int, warmup: int = 2
+) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds, median per-round ratio to ``base``)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = _clock()
+            fns[n]()
+            times[n].append(_clock() - t0)
+    out = {}
+    for n in names:
+        ratios = [a / b for a, b in zip(times[n], times[base], strict=True)]
+        out[n] = (statistics.median(times[n]), statistics.median(ratios))
+    return out
+
+
+def saved_bytes(fn: Callable[[], Tensor]) -> int:
+    """Bytes of the distinct storages saved for backward while running fn()."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def peak_step_bytes(step: Callable[[], object]) -> int | None:
+    """Resident-set growth at the peak of one step(), or None where unsupported.
+
+    glibc serves blocks of 64 KiB and more by ``mmap`` for the duration (and
+    trims the heap), so that every tensor's pages are in the resident set
+    exactly while it lives; the allocator's default (a threshold that adapts
+    up to 32 MiB and keeps freed blocks) is restored at 32 MiB afterwards.
+    """
+    if not _mallopt(_M_MMAP_THRESHOLD, 64 << 10):
+        return None
+    _mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+    try:
+        step()  # a step under the new policy, so that the heap starts trimmed
+        gc.collect()
+        before = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        step()
+        return (_status_kb("VmHWM") - before) * 1024
+    except OSError:
+        return None
+    finally:
+        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+# ---------------------------------------------------------------------------
+# Activation fwd+bwd
+# ---------------------------------------------------------------------------
+
+PLAIN = {"swish": nn.SiLU, "relu": nn.ReLU}
+NORMALIZED = {"swish": anact.NSwish, "relu": anact.NReLU}
+
+
+def _backend_module(module: nn.Module, backend: str) -> Callable[[Tensor], Tensor]:
+    def call(x: Tensor) -> Tensor:
+        with K.backend(backend):
+            return module(x)
+
+    return call
+
+
+def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) -> list[Row]:
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+    plain = PLAIN[kind]()
+    c = None if channel_dim is None else shape[channel_dim]
+    norm = NORMALIZED[kind](c, channel_dim=channel_dim)
+    variants: dict[str, Callable[[Tensor], Tensor]] = {"plain": plain}
+    for b in ("eager", "compiled"):
+        variants[b] = _backend_module(norm, b)
+
+    def fwd_bwd(f):
+        def run():
+            x.grad = None
+            norm.alpha.grad = None
+            f(x).backward(g)
+
+        return run
+
+    def fwd(f):
+        def run():
+            f(x)
+
+        return run
+
+    t_fb = interleaved({k: fwd_bwd(f) for k, f in variants.items()}, "plain", repeats)
+    t_f = interleaved({k: fwd(f) for k, f in variants.items()}, "plain", repeats)
+    rows = []
+    per = "per-tensor" if channel_dim is None else f"per-channel (dim {channel_dim})"
+    for b in ("eager", "compiled"):
+        mem = saved_bytes(lambda b=b: variants[b](x)) / saved_bytes(lambda: plain(x))
+        rows.append({
+            "what": f"N{kind.capitalize() if kind == 'swish' else 'ReLU'} vs "
+                    f"{'F.silu' if kind == 'swish' else 'F.relu'}, "
+                    f"{'×'.join(map(str, shape))}, {per}",
+            "backend": b,
+            "fwd+bwd": t_fb[b][1],
+            "fwd": t_f[b][1],
+            "plain fwd+bwd ms": t_fb["plain"][0] * 1e3,
+            "saved for bwd": mem,
+        })  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Whole models: one training step
+# ---------------------------------------------------------------------------
+
+
+def _train_step(model: nn.Module, opt, xb: Tensor, yb: Tensor, backend: str) -> Callable[[], None]:
+    def step() -> None:
+        with K.backend(backend):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+    return step
+
+
+def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module], plain_act,
+                norm_act, xb: Tensor, yb: Tensor, repeats: int) -> list[Row]:
+    torch.manual_seed(0)
+    plain = make(plain_act)
+    torch.manual_seed(0)
+    norm = make(norm_act)
+    steps = {"plain": _train_step(plain, torch.optim.SGD(plain.parameters(), 0.01, 0.9), xb, yb,
+                                  "eager")}
+    opt = torch.optim.SGD(norm.parameters(), 0.01, 0.9)
+    for b in ("eager", "compiled"):
+        steps[b] = _train_step(norm, opt, xb, yb, b)
+    t = interleaved(steps, "plain", repeats)
+    peak_plain = peak_step_bytes(steps["plain"])
+    rows = []
+    for b in ("eager", "compiled"):
+        peak = peak_step_bytes(steps[b])
+        rows.append({
+            "what": f"{name}: training step",
+            "backend": b,
+            "step": t[b][1],
+            "plain step ms": t["plain"][0] * 1e3,
+            "peak step memory": (peak / peak_plain) if peak and peak_plain else None,
+        })  # fmt: skip
+    return rows
+
+
+def bench_fold(xb: Tensor, repeats: int) -> list[Row]:
+    fold = getattr(anact, "fold", None)
+    if not callable(fold):
+        return [{"what": "LeNet5 inference after anact.fold", "backend": "-",
+                 "note": "missing: anact.fold not in this tree yet"}]
+    torch.manual_seed(0)
+    plain = LeNet5(nn.ReLU).eval()
+    norm = LeNet5(lambda: anact.NReLU(center=False))
+    with torch.no_grad():
+        norm(xb)  # running statistics from one batch
+    norm.eval()
+    folded = fold(norm)
+    unfolded_compiled = _backend_module(norm, "compiled")
+    with torch.no_grad():
+        t = interleaved({"plain": lambda: plain(xb), "eager": lambda: norm(xb),
+                         "compiled": lambda: unfolded_compiled(xb),
+                         "anact.fold": lambda: folded(xb)}, "plain", repeats)
+    name = f"LeNet5 NReLU vs ReLU, inference (eval), batch {len(xb)}"
+    return [{"what": name, "backend": k, "step": t[k][1], "plain step ms": t["plain"][0] * 1e3}
+            for k in ("eager", "compiled", "anact.fold")]
+
+
+# ---------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def fmt(v: object) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def table(rows: list[Row]) -> str:
+    cols = ["what", "backend", "fwd+bwd", "fwd", "step", "saved for bwd", "peak step memory",
+            "plain fwd+bwd ms", "plain step ms", "note"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per figure")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1; >1 switches to wall time)")
+    p.add_argument("--only", default="act,lenet,resnet,fold",
+                   help="comma-separated sections: act,lenet,resnet,fold")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    global _clock
+    torch.set_num_threads(a.threads)
+    if a.threads > 1:
+        _clock = time.perf_counter
+    warnings.simplefilter("ignore", anact.functional.StatisticsWarning)
+    only = set(a.only.split(","))
+    reps = a.repeats or (7 if a.quick else 15)
+    if a.quick:
+        shapes = [((32, 64, 32, 32), 1), ((8, 512, 768), -1)]
+        lenet_batch, resnet_batch = 128, 4
+    else:
+        shapes = [((128, 64, 32, 32), 1), ((32, 512, 768), -1)]
+        lenet_batch, resnet_batch = 256, 16
+    t0 = time.time()
+    rows: list[Row] = []
+    if "act" in only:
+        for shape, cd in shapes:
+            for kind in ("swish", "relu"):
+                rows += bench_activation(shape, kind, None, reps)
+                print(f"# {kind} {shape} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+            rows += bench_activation(shape, "swish", cd, reps)
+    torch.manual_seed(0)
+    xl, yl = torch.randn(lenet_batch, 1, 28, 28), torch.randint(0, 10, (lenet_batch,))
+    if "lenet" in only:
+        for kind, plain, norm in (("ReLU", nn.ReLU, lambda: anact.NReLU(center=False)),
+                                  ("Swish", nn.SiLU, lambda: anact.NSwish(center=False))):
+            rows += bench_model(f"LeNet5 N{kind} vs {kind}, batch {lenet_batch}", LeNet5,
+                                plain, norm, xl, yl, reps * 3)
+        print(f"# lenet done ({time.time() - t0:.0f}s)", file=sys.stderr)
+    if "resnet" in only:
+        xr, yr = torch.randn(resnet_batch, 3, 32, 32), torch.randint(0, 100, (resnet_batch,))
+        rows += bench_model(f"CIFAR ResNet50 NReLU vs ReLU, batch {resnet_batch}", ResNet50,
+                            nn.ReLU, anact.NReLU, xr, yr, max(5, reps // 2))
+        print(f"# resnet done ({time.time() - t0:.0f}s)", file=sys.stderr)
+    if "fold" in only:
+        rows += bench_fold(xl, reps * 3)
+    print(f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
+          f"{reps} rounds; {time.time() - t0:.0f}s -->")
+    print(table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
