@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from anact.experiments import get_study, reproduce
+from anact.experiments.data import DataError
 from anact.experiments.store import Store
 
 TINY_IMAGE = {"epochs": 1, "train_subset": 128, "batch_size": 64}
@@ -111,5 +112,5 @@ def test_translation_study_quick(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["vgg", "resnet", "layeract"])
 def test_image_studies_reject_unpackaged_data_without_dir(name: str) -> None:
     study = get_study(name)
-    with pytest.raises(ValueError, match="data-dir"):
+    with pytest.raises(DataError, match="data-dir"):
         study.load_data(study.config({"dataset": "cifar100"}), torch.device("cpu"))

@@ -95,14 +95,17 @@ def load_data(config: dict[str, Any], device: torch.device) -> LayerActData:
         num_classes = 10
     elif name in ("cifar10", "cifar100", "tiny-imagenet"):
         if data_dir is None:
-            raise ValueError(f"dataset {name!r} is not packaged: pass its folder with --data-dir")
+            raise DataError(f"dataset {name!r} is not packaged: pass its folder with --data-dir")
         if name == "tiny-imagenet":
             d = load_tiny_imagenet(data_dir, standardized=False)
         else:
             d = load_cifar(name, data_dir, standardized=False)
         tx, ty, vx, vy, num_classes = d.train_x, d.train_y, d.val_x, d.val_y, d.num_classes
     else:
-        raise ValueError(f"unknown dataset {name!r} for layeract")
+        raise DataError(
+            f"unknown dataset {name!r} for layeract; choose fashion-mnist, cifar10, cifar100 "
+            "or tiny-imagenet"
+        )
     if subset is not None:
         tx, ty = tx[:subset], ty[:subset]
     tx, vx = tx.to(device), vx.to(device)

@@ -8,7 +8,7 @@ top three activations of a normalized network are its unnormalized counterpart
 60 epochs) as AdamW did not converge for them.
 
 Here the default data is Fashion-MNIST padded to 3×32×32 (CIFAR is not packaged;
-pass ``--set dataset=cifar100 --set data_dir=…`` for the real thing) and a thin VGG19
+pass ``--dataset cifar100 --data-dir DIR`` for the real thing) and a thin VGG19
 (widths / 8, hidden 256) on 5,000 images for 3 epochs: minutes on a 2-core CPU.
 ``--paper``: CIFAR-100 (``data_dir`` needed), full width, 200 epochs, 3 runs,
 random-crop + flip augmentation. The learning rate, weight decay and batch size are
@@ -32,6 +32,7 @@ import anact
 from anact.experiments import paper
 from anact.experiments.data import ImageData
 from anact.experiments.data.cifar import fashion_mnist_as_cifar, load_cifar
+from anact.experiments.data.idx import DataError
 from anact.experiments.data.tiny_imagenet import load_tiny_imagenet
 from anact.experiments.models import ACTIVATIONS, init_weights
 from anact.experiments.models.vgg import VGG
@@ -63,16 +64,13 @@ def load_images(config: dict[str, Any], device: torch.device) -> ImageData:
     if name == "fashion-mnist":
         return fashion_mnist_as_cifar(data_dir, device=device, train_subset=subset)
     if name in ("cifar10", "cifar100", "tiny-imagenet") and data_dir is None:
-        raise ValueError(
-            f"dataset {name!r} is not packaged: pass its folder with --data-dir "
-            "(or --set data_dir=PATH)"
-        )
+        raise DataError(f"dataset {name!r} is not packaged: pass its folder with --data-dir")
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, data_dir, device=device, train_subset=subset)
     if name == "tiny-imagenet":
         per_class = None if subset is None else max(1, math.ceil(subset / 200))
         return load_tiny_imagenet(data_dir, device=device, per_class=per_class)
-    raise ValueError(f"unknown image dataset {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
+    raise DataError(f"unknown image dataset {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
 
 
 def make_paper_activation(name: str, center: bool = True) -> tuple[Callable[[], nn.Module], Any]:
