@@ -114,3 +114,27 @@ def test_image_studies_reject_unpackaged_data_without_dir(name: str) -> None:
     study = get_study(name)
     with pytest.raises(DataError, match="data-dir"):
         study.load_data(study.config({"dataset": "cifar100"}), torch.device("cpu"))
+
+
+def test_random_crop_flip_gives_a_shifted_possibly_flipped_crop() -> None:
+    from anact.experiments.studies.vgg import random_crop_flip
+
+    x = torch.randn(12, 3, 8, 8)
+    out = random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    kinds = set()
+    for k in range(12):
+        hits = [
+            (i, j, f)
+            for i in range(5)
+            for j in range(5)
+            for f in (False, True)
+            if torch.equal(
+                out[k], (lambda c: c.flip(2) if f else c)(padded[k, :, i : i + 8, j : j + 8])
+            )  # noqa: B023
+        ]
+        assert hits, k  # every output is one of the 5·5·2 candidates
+        kinds.add(hits[0][2])
+    assert kinds == {False, True}  # both flipped and unflipped occur
+    again = random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert torch.equal(out, again)
