@@ -9,7 +9,7 @@ addition, and a normalized stem (23,690,053 parameters instead of 23,705,252 wit
 for a fixed number of epochs, which it does not state; the preset uses 200.
 
 Defaults: Fashion-MNIST padded to 3×32×32, a thin ResNet ([1, 1, 1, 1] blocks,
-base width 16) on 5,000 images for 3 epochs. ``--paper``: ResNet50 ([3, 4, 6, 3],
+base width 8) on 5,000 images for 3 epochs. ``--paper``: ResNet50 ([3, 4, 6, 3],
 width 64) on CIFAR-100 (resp. Tiny ImageNet at 64×64, with the CIFAR stem as well),
 ``data_dir`` needed, crop + flip augmentation, 3 runs.
 """
@@ -66,7 +66,7 @@ _DEFAULTS = {
     "sgd_activations": [],
     "augment": False,
     "layers": [1, 1, 1, 1],
-    "base_width": 16,
+    "base_width": 8,
     "stem": "cifar",
     "center": True,
 }
