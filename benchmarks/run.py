@@ -13,11 +13,10 @@ descheduled by other processes excluded); with ``--threads`` > 1 it is wall time
 Memory:
 
 * kept for backward: bytes of the distinct storages that autograd saves
-  (``torch.autograd.graph.saved_tensors_hooks``);
-* peak of a training step: the process's resident-set high-water mark (VmHWM,
-  reset through ``/proc/self/clear_refs``) above the resident set before the
-  step, on Linux; large tensors are ``mmap``-ed by the allocator, so this sees
-  every transient buffer.
+  (``torch.autograd.graph.saved_tensors_hooks``), for one activation and for a
+  whole model's forward pass (the bulk of a training step's peak). A resident-set
+  peak (VmHWM) was tried and dropped: glibc serves freed heap blocks again, so it
+  varied by 2× between identical steps on this machine.
 
 Prints one markdown table (and, with ``--json PATH``, writes the raw figures).
 """
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -94,52 +92,6 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
         out = fn()
     del out
     return sum(seen.values())
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _mallopt(param: int, value: int) -> bool:
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except (OSError, AttributeError):
-        return False
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def peak_step_bytes(step: Callable[[], object]) -> int | None:
-    """Resident-set growth at the peak of one step(), or None where unsupported.
-
-    glibc serves blocks of 64 KiB and more by ``mmap`` for the duration (and
-    trims the heap), so that every tensor's pages are in the resident set
-    exactly while it lives; the allocator's default (a threshold that adapts
-    up to 32 MiB and keeps freed blocks) is restored at 32 MiB afterwards.
-    """
-    if not _mallopt(_M_MMAP_THRESHOLD, 64 << 10):
-        return None
-    _mallopt(_M_TRIM_THRESHOLD, 128 << 10)
-    try:
-        step()  # a step under the new policy, so that the heap starts trimmed
-        gc.collect()
-        before = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        step()
-        return (_status_kb("VmHWM") - before) * 1024
-    except OSError:
-        return None
-    finally:
-        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 # ---------------------------------------------------------------------------
@@ -229,16 +181,23 @@ def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module],
     for b in ("eager", "compiled"):
         steps[b] = _train_step(norm, opt, xb, yb, b)
     t = interleaved(steps, "plain", repeats)
-    peak_plain = peak_step_bytes(steps["plain"])
+
+    def forward(model: nn.Module, backend: str) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            with K.backend(backend):
+                return F.cross_entropy(model(xb), yb)
+
+        return run
+
+    saved_plain = saved_bytes(forward(plain, "eager"))
     rows = []
     for b in ("eager", "compiled"):
-        peak = peak_step_bytes(steps[b])
         rows.append({
             "what": f"{name}: training step",
             "backend": b,
             "step": t[b][1],
+            "saved for bwd": saved_bytes(forward(norm, b)) / saved_plain,
             "plain step ms": t["plain"][0] * 1e3,
-            "peak step memory": (peak / peak_plain) if peak and peak_plain else None,
         })  # fmt: skip
     return rows
 
@@ -289,7 +248,7 @@ def fmt(v: object) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    cols = ["what", "backend", "fwd+bwd", "fwd", "step", "saved for bwd", "peak step memory",
+    cols = ["what", "backend", "fwd+bwd", "fwd", "step", "saved for bwd",
             "plain fwd+bwd ms", "plain step ms", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
