@@ -66,7 +66,19 @@ def _check_backend(name: str) -> str:
     return name
 
 
-_backend = _check_backend(os.environ.get("ANACT_BACKEND", "eager").strip().lower() or "eager")
+def _from_environment() -> str:
+    name = os.environ.get("ANACT_BACKEND", "").strip().lower() or "eager"
+    if name not in BACKENDS:
+        warnings.warn(
+            f"ANACT_BACKEND={name!r} is not one of {', '.join(BACKENDS)}; using 'eager'",
+            KernelWarning,
+            stacklevel=2,
+        )
+        return "eager"
+    return name
+
+
+_backend = _from_environment()
 
 
 def set_backend(name: str) -> None:
