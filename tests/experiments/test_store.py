@@ -22,7 +22,7 @@ def test_schema_wal_and_identity(tmp_path):
     db = sqlite3.connect(tmp_path / "r.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     cols = [r[1] for r in db.execute("PRAGMA table_info(epochs)")]
-    assert cols == ["run_id", "epoch", *EPOCH_FIELDS]
+    assert cols == ["run_id", "epoch", *EPOCH_FIELDS, "extra"]
     with pytest.raises(sqlite3.IntegrityError):  # the unique key on the run identity
         db.execute(
             "INSERT INTO runs (study, model, dataset, activation, seed, config_key, config,"

@@ -12,7 +12,9 @@ For each (activation, run index i) the runner
    across epochs: it is summarised and reset at each epoch's end);
 4. trains epoch by epoch under a :class:`anact.analysis.ConvergenceMonitor`
    (Score of eq. 22 and Σ|E W| of Figure 4, means over the epoch's steps),
-   evaluates, writes the epoch to the store and then the checkpoint (atomically,
+   evaluates, writes the epoch to the store (every key ``evaluate()`` returns
+   besides ``val_acc``/``val_acc_top5`` goes into the epoch's ``extra`` metrics;
+   the Score is stored as NULL when the monitor hooked no layer), then the checkpoint (atomically,
    tmp + ``os.replace``), so a process killed at any moment resumes from its last
    finished epoch and ends with the same numbers as an uninterrupted run (CPU);
 5. marks the run done and deletes its checkpoint.
@@ -153,13 +155,18 @@ def run_one(
                 summary = monitor.epoch_summary(reset=True)
                 metrics = trial.evaluate()
                 seconds = time.perf_counter() - t0
+                # no hooked layer (e.g. only layer-level LA-SiLU): the monitor's Score is
+                # an empty sum (0.0), not a measurement; store it as unknown
+                score = _finite(summary["score"]) if summary["layers"] else None
                 store.record_epoch(run_id, epoch, {
                     "train_loss": _finite(loss),
                     "val_acc": float(metrics["val_acc"]),
                     "val_acc_top5": _finite(metrics.get("val_acc_top5")),
-                    "score": _finite(summary["score"]),
+                    "score": score,
                     "weight_mean_abs_sum": _finite(summary["weight_mean_abs_sum"]),
                     "seconds": seconds,
+                }, extra={
+                    k: v for k, v in metrics.items() if k not in ("val_acc", "val_acc_top5")
                 })  # fmt: skip
                 save_checkpoint(ckpt_path, {
                     "run_id": run_id, "epoch": epoch, "trial": _trial_state(trial),

@@ -7,7 +7,8 @@ Two tables::
          created_at, updated_at)            UNIQUE(study, model, dataset, activation,
                                                    seed, config_key)
     epochs(run_id, epoch, train_loss, val_acc, val_acc_top5, score,
-           weight_mean_abs_sum, seconds)    PRIMARY KEY(run_id, epoch)
+           weight_mean_abs_sum, seconds, extra JSON)
+                                            PRIMARY KEY(run_id, epoch)
 
 Accuracies are in percent; ``epoch`` counts from 1. ``config_key`` is a hash of the
 run's identity settings (everything that changes its numbers), so the same
@@ -15,12 +16,19 @@ activation and seed under other settings is another run. WAL journaling and a
 busy timeout let several processes write at once; a run is *claimed* by one
 process at a time (``owner`` = host:pid), and a claim whose process has died
 (SIGKILL included) or has been silent for ``lease_s`` is taken over.
+
+``extra`` holds any further metrics a study's ``evaluate()`` returns (e.g.
+``corrupt_acc`` and ``corrupt_acc/<name>`` of the ``layeract`` study) as a JSON
+object ``{name: number or null}``; NULL when there are none. Databases written
+before the column existed are migrated when opened (``ALTER TABLE epochs ADD
+COLUMN extra``; their epochs read back with ``extra == {}``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -62,6 +70,7 @@ CREATE TABLE IF NOT EXISTS epochs (
     score               REAL,
     weight_mean_abs_sum REAL,
     seconds             REAL,
+    extra               TEXT,
     PRIMARY KEY (run_id, epoch)
 );
 """
@@ -111,6 +120,7 @@ class Store:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
+            _migrate(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -212,17 +222,28 @@ class Store:
         return [_run_dict(r) for r in self._db.execute(sql + " ORDER BY id", args)]
 
     # -- epochs -----------------------------------------------------------
-    def record_epoch(self, run_id: int, epoch: int, metrics: Mapping[str, float | None]) -> None:
-        """Store (or overwrite) one epoch's metrics; unknown keys are an error."""
+    def record_epoch(
+        self,
+        run_id: int,
+        epoch: int,
+        metrics: Mapping[str, float | None],
+        extra: Mapping[str, float | None] | None = None,
+    ) -> None:
+        """Store (or overwrite) one epoch's metrics; unknown keys are an error.
+
+        ``extra``: further named metrics (numbers or None; NaN/inf become None),
+        kept as JSON in the ``extra`` column and returned by :meth:`epochs`.
+        """
         unknown = set(metrics) - set(EPOCH_FIELDS)
         if unknown:
             raise ValueError(f"unknown epoch fields {sorted(unknown)}; known: {EPOCH_FIELDS}")
         values = [metrics.get(k) for k in EPOCH_FIELDS]
+        extra_json = _extra_json(extra)
         with self._tx() as db:
             db.execute(
-                f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_FIELDS)})"
-                f" VALUES (?, ?{', ?' * len(EPOCH_FIELDS)})",
-                (run_id, epoch, *values),
+                f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_FIELDS)}, extra)"
+                f" VALUES (?, ?{', ?' * len(EPOCH_FIELDS)}, ?)",
+                (run_id, epoch, *values, extra_json),
             )
             db.execute(
                 "UPDATE runs SET epochs_done=(SELECT MAX(epoch) FROM epochs WHERE run_id=?),"
@@ -240,11 +261,40 @@ class Store:
             )
 
     def epochs(self, run_id: int) -> list[dict[str, Any]]:
-        """The run's epochs in order, as dicts with ``epoch`` and :data:`EPOCH_FIELDS`."""
+        """The run's epochs in order, as dicts with ``epoch``, :data:`EPOCH_FIELDS`
+        and ``extra`` (a dict, empty if the epoch has no further metrics)."""
         rows = self._db.execute(
             "SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,)
         ).fetchall()
-        return [dict(r) for r in rows]
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["extra"] = json.loads(d["extra"]) if d.get("extra") else {}
+            out.append(d)
+        return out
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database of an older schema up to date (inside the open transaction)."""
+    cols = {row["name"] for row in db.execute("PRAGMA table_info(epochs)")}
+    if "extra" not in cols:
+        db.execute("ALTER TABLE epochs ADD COLUMN extra TEXT")
+
+
+def _extra_json(extra: Mapping[str, Any] | None) -> str | None:
+    if not extra:
+        return None
+    clean: dict[str, float | None] = {}
+    for k, v in extra.items():
+        if v is None:
+            clean[str(k)] = None
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"extra metric {k!r} is not a number: {v!r}") from None
+        clean[str(k)] = f if math.isfinite(f) else None
+    return json.dumps(clean)  # in the order evaluate() returned them
 
 
 def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
