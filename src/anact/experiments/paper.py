@@ -14,6 +14,7 @@ __all__ = [
     "TABLE4",
     "TABLE5",
     "IMDB",
+    "LAYERACT",
 ]
 
 #: §3.1: LeNet5, MNIST, SGD (same lr for all), 25 runs × 50 epochs; μ disabled.
@@ -97,4 +98,13 @@ IMDB: dict[str, dict] = {
     "nrelu": {"top1": 90.2},
     "swish": {"top1": 88.9},
     "nswish": {"top1": 90.1},
+}
+
+#: LayerAct (Kim et al., arXiv:2306.04940), early public results:
+#: CIFAR-10, ResNet-32, mean top-1 on the clean test set. No corrupted-set numbers.
+LAYERACT: dict[str, dict] = {
+    "relu": {"top1": 91.79},
+    "swish": {"top1": 91.96},
+    "la-silu": {"top1": 92.30},
+    "la-hardsilu": {"top1": 91.84},
 }

@@ -8,6 +8,13 @@ figures, each curve the median over runs per epoch: validation accuracy (per epo
 and best so far), the Score of eq. 22 (Figure 3) and Σ|E W| (Figure 4). Only
 finished runs enter the numbers; epochs of a diverged run (NaN Score) are left out
 of the Score and Σ|E W| medians, and its accuracy (10 %) counts as it is.
+
+A study's ``metric`` names what ``val_acc`` holds (BLEU for ``translation``); the
+tables and figures are labelled with it. Groups whose epochs carry corrupted-set
+accuracies in their ``extra`` metrics (``corrupt_acc``, ``corrupt_acc/<name>``: the
+``layeract`` study) get a robustness table, clean vs corrupted accuracy. The Score
+is "n/a" for activations the convergence monitor cannot hook (layer-level LA-SiLU,
+LA-HardSiLU): no Score was measured for them.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ __all__ = [
     "convergence_table",
     "load_groups",
     "markdown_table",
+    "robustness_table",
     "spearman",
     "write_report",
 ]
@@ -47,6 +55,7 @@ class ActivationResult:
     score: list[list[float | None]] = field(default_factory=list)
     weight_mean_abs_sum: list[list[float | None]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    extra: list[list[dict[str, float | None]]] = field(default_factory=list)
 
     def best(self, until: int | None = None) -> list[float]:
         """Best validation accuracy of each run over epochs 1..until (all if None)."""
@@ -98,6 +107,7 @@ def load_groups(store: Store) -> list[Group]:
         for name in ("val_acc_top5", "train_loss", "score", "weight_mean_abs_sum"):
             getattr(r, name).append([e[name] for e in eps])
         r.seconds.append(sum(e["seconds"] or 0.0 for e in eps))
+        r.extra.append([e.get("extra") or {} for e in eps])
     return list(groups.values())
 
 
@@ -129,11 +139,23 @@ def _paper_cell(v: Any) -> str:
     return _fmt(v) if isinstance(v, float) else str(v)
 
 
+def _metric(metric: str) -> tuple[str, str]:
+    """(label, unit) of a study's metric, e.g. ("accuracy", "%"), ("BLEU", "")."""
+    from anact.experiments.studies import METRICS
+
+    return METRICS.get(metric, (metric, ""))
+
+
+#: labels of activations outside :data:`anact.experiments.models.ACTIVATIONS`
+#: (the ``layeract`` study's own)
+_LABELS = {"hardswish": "HardSwish", "la-silu": "LA-SiLU", "la-hardsilu": "LA-HardSiLU"}
+
+
 def _label(name: str) -> str:
     from anact.experiments.models import ACTIVATIONS
 
     spec = ACTIVATIONS.get(name)
-    return spec.label if spec else name
+    return spec.label if spec else _LABELS.get(name, name)
 
 
 def markdown_table(
@@ -143,11 +165,15 @@ def markdown_table(
     threshold_epochs: Sequence[int],
     paper: Mapping[str, Mapping[str, Any]] | None = None,
     order: Sequence[str] | None = None,
+    metric: str = "accuracy",
 ) -> str:
     """The group's table in the layout of the paper's Table 1, with paper columns.
 
-    The best mean and median of ours are in bold.
+    The best mean and median of ours are in bold. ``metric``: a key of
+    :data:`anact.experiments.studies.METRICS`; other than accuracy it is named in
+    the mean/median headers (e.g. "mean BLEU").
     """
+    label, unit = _metric(metric)
     names = [a for a in (order or []) if a in group.results]
     names += [a for a in group.results if a not in names]
     paper = paper or {}
@@ -159,11 +185,12 @@ def markdown_table(
     has_top5 = any(
         v is not None for r in group.results.values() for c in r.val_acc_top5 for v in c
     )
-    head = ["method", "runs", "mean", "median"]
+    suffix = "" if metric == "accuracy" else f" {label}"
+    head = ["method", "runs", f"mean{suffix}", f"median{suffix}"]
     if has_top5:
         head.append("median top-5")
     if threshold is not None:
-        head += [f"<{threshold:g}% @{e}" for e in threshold_epochs]
+        head += [f"<{threshold:g}{unit or ' ' + label} @{e}" for e in threshold_epochs]
     head += ["s/epoch"]
     head += [f"paper {'under 98% @5/10/15/30/50' if k == 'under' else k}" for k in paper_keys]
 
@@ -225,7 +252,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def convergence_table(
-    group: Group, threshold: float | None, order: Sequence[str] | None = None
+    group: Group,
+    threshold: float | None,
+    order: Sequence[str] | None = None,
+    metric: str = "accuracy",
 ) -> str:
     """Score (eq. 22) against convergence speed, per activation (medians over runs).
 
@@ -234,12 +264,16 @@ def convergence_table(
     the median then counts such runs as E + 1). Then Spearman's rank correlation
     across activations between Score and epoch-1 accuracy: the paper (§3.1) finds
     the Score "roughly inversely related to the speed of convergence", i.e. negative.
+    An activation without any measured Score (the monitor hooked no layer, stored
+    as NULL; or, in databases written before that, 0.0 in every epoch: an empty
+    sum) shows "n/a" and is left out of the correlation.
     """
+    label, unit = _metric(metric)
     names = [a for a in (order or []) if a in group.results]
     names += [a for a in group.results if a not in names]
-    head = ["method", "Score (mean over epochs)", "accuracy after epoch 1"]
+    head = ["method", "Score (mean over epochs)", f"{label} after epoch 1"]
     if threshold is not None:
-        head.append(f"epochs to {threshold:g}%")
+        head.append(f"epochs to {threshold:g}{unit or ' ' + label}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     scores, first = [], []
     for a in names:
@@ -250,8 +284,10 @@ def convergence_table(
             for c in r.score
         ]  # fmt: skip
         sc = statistics.median(per_run)
+        if _unmeasured(r.score):
+            sc = math.nan
         acc1 = statistics.median(c[0] for c in r.val_acc if c)
-        row = [_label(a), _fmt(sc, 3), _fmt(acc1)]
+        row = [_label(a), "n/a" if _unmeasured(r.score) else _fmt(sc, 3), _fmt(acc1)]
         if threshold is not None:
             reach = [
                 next((i + 1 for i, v in enumerate(c) if v >= threshold), len(c) + 1)
@@ -266,14 +302,76 @@ def convergence_table(
     rho = spearman(scores, first)
     lines += [
         "",
-        f"Spearman rank correlation across activations, Score vs accuracy after epoch 1: "
+        f"Spearman rank correlation across activations, Score vs {label} after epoch 1: "
         f"{_fmt(rho)} (the paper's claim predicts a negative value: lower Score, faster "
         "convergence).",
     ]
     return "\n".join(lines)
 
 
-def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str, Path]:
+def _unmeasured(score_curves: Sequence[Sequence[float | None]]) -> bool:
+    """True if no run has a measured Score: all NULL/NaN, or all exactly 0.0 (the
+    empty sum the monitor returns when it hooks no layer; a real Score, a sum of
+    |ln ρ| terms over steps and layers, is never exactly 0)."""
+    vals = [v for c in score_curves for v in c if v is not None and not math.isnan(v)]
+    return all(v == 0.0 for v in vals)
+
+
+def robustness_table(
+    group: Group,
+    order: Sequence[str] | None = None,
+    paper: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str | None:
+    """Clean vs corrupted accuracy per activation, or None if no run stored any.
+
+    Per activation, the median over runs at each run's last epoch of: the clean
+    top-1 (``val_acc``), the mean corrupted top-1 (``corrupt_acc``: all corruptions ×
+    severities), their difference, the accuracy per corruption (``corrupt_acc/<name>``,
+    mean over severities) and, if stored, per severity (``corrupt_acc/sev<k>``); then
+    the paper's clean top-1 where it has one.
+    """
+    names = [a for a in (order or []) if a in group.results]
+    names += [a for a in group.results if a not in names]
+    last = {a: [c[-1] for c in group.results[a].extra if c] for a in names}
+    if not any("corrupt_acc" in e for es in last.values() for e in es):
+        return None
+    subkeys: list[str] = []
+    for es in last.values():
+        for e in es:
+            for k in e:
+                if k.startswith("corrupt_acc/") and k not in subkeys:
+                    subkeys.append(k)
+    sev = [k for k in subkeys if k.startswith("corrupt_acc/sev")]
+    per = [k for k in subkeys if k not in sev]
+    paper = paper or {}
+    paper_keys: list[str] = []
+    for a in names:
+        for k in paper.get(a, {}):
+            if k not in paper_keys:
+                paper_keys.append(k)
+
+    def med(vals: Sequence[float | None]) -> float:
+        vs = [v for v in vals if v is not None and not math.isnan(v)]
+        return statistics.median(vs) if vs else math.nan
+
+    head = ["method", "runs", "clean top-1", "corrupted top-1 (mean)", "drop"]
+    head += [k.removeprefix("corrupt_acc/").replace("_", " ") for k in per + sev]
+    head += [f"paper clean {k}" for k in paper_keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in names:
+        r = group.results[a]
+        clean = med([c[-1] for c in r.val_acc if c])
+        corrupt = med([e.get("corrupt_acc") for e in last[a]])
+        row = [_label(a), str(len(r.seeds)), _fmt(clean), _fmt(corrupt), _fmt(clean - corrupt)]
+        row += [_fmt(med([e.get(k) for e in last[a]])) for k in per + sev]
+        row += [_paper_cell(paper.get(a, {}).get(k, "–")) for k in paper_keys]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plot(
+    group: Group, names: Sequence[str], out: Path, stem: str, metric: str = "accuracy"
+) -> dict[str, Path]:
     """Three PNGs (accuracy, Score, Σ|E W|), median over runs; returns their paths."""
     import matplotlib
 
@@ -283,6 +381,8 @@ def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str,
 
     from anact.experiments.models import ACTIVATIONS
 
+    label, unit = _metric(metric)
+    ylab = f"{label} ({unit})" if unit else label
     colors = plt.get_cmap("tab10").colors
     style = {}
     for i, a in enumerate(names):
@@ -309,18 +409,18 @@ def _plot(group: Group, names: Sequence[str], out: Path, stem: str) -> dict[str,
         ys = _median_curve(best)
         axes[1].plot(range(1, len(ys) + 1), ys, marker="o", ms=3, **style[a])
         tops += [y for y in ys[len(ys) // 2 :] if not math.isnan(y)]
-    axes[0].set_title("validation accuracy")
-    axes[1].set_title("best validation accuracy so far")
+    axes[0].set_title(f"validation {label}")
+    axes[1].set_title(f"best validation {label} so far")
     if tops:
         tops.sort()
         axes[1].set_ylim(max(0.0, tops[len(tops) // 10] - 2.0), tops[-1] + 0.5)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, ncol=2, loc="lower right")
-    fig.suptitle(f"Validation accuracy ({what})")
+    fig.suptitle(f"Validation {label} ({what})")
     fig.tight_layout()
     paths["accuracy"] = out / f"{stem}_accuracy.png"
     fig.savefig(paths["accuracy"], dpi=110)
@@ -408,33 +508,52 @@ def write_report(
             or scaled_epochs(g.epochs)
         )
         order = list(study.activations) if study else []
+        metric = study.metric if study else "accuracy"
+        label, unit = _metric(metric)
+        unit_txt = f" ({unit})" if unit else ""
         lines.append(
             markdown_table(
                 g, threshold=thr, threshold_epochs=t_epochs,
-                paper=study.paper if study else None, order=order,
+                paper=study.paper if study else None, order=order, metric=metric,
             )  # fmt: skip
         )
         lines.append("")
         notes = [
-            "mean/median: of each run's best validation accuracy (%) over its epochs; "
+            f"mean/median: of each run's best validation {label}{unit_txt} over its epochs; "
             "validation = the official test split."
         ]
         if thr is not None:
             notes.append(
-                f"<{thr:g}% @i: runs whose best validation accuracy until epoch i is "
-                f"below {thr:g}%."
+                f"<{thr:g}{unit or ' ' + label} @i: runs whose best validation {label} "
+                f"until epoch i is below {thr:g}{unit or ' ' + label}."
             )
         if study and study.paper_caption:
             notes.append(study.paper_caption)
         lines += [" ".join(notes), ""]
-        lines += ["Score and convergence speed:", "", convergence_table(g, thr, order), ""]
+        robust = robustness_table(g, order, paper=study.paper if study else None)
+        if robust is not None:
+            lines += [
+                "Robustness: clean vs corrupted accuracy (%), median over runs at the last "
+                "epoch:",
+                "",
+                robust,
+                "",
+                "corrupted: mean top-1 over every corruption × severity of the study's "
+                "corrupted test copies; per corruption: mean over severities; drop: clean − "
+                "corrupted. The paper column is the clean top-1 only (no corrupted-set "
+                "numbers published).",
+                "",
+            ]
+        lines += [
+            "Score and convergence speed:", "", convergence_table(g, thr, order, metric), "",
+        ]  # fmt: skip
         if figures:
             names = [a for a in order if a in g.results]
             names += [a for a in g.results if a not in names]
             stem = f"{g.study}_{g.dataset}"
             if stems[stem] > 1:
                 stem += f"_{g.config_key[:8]}"
-            paths = _plot(g, names, out, stem)
+            paths = _plot(g, names, out, stem, metric)
             lines += [f"![{k}]({p.name})" for k, p in paths.items()]
             lines.append("")
     path = out / "report.md"

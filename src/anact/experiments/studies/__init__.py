@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "METRICS",
     "NOT_IDENTITY",
     "STUDIES",
     "Study",
@@ -62,6 +63,9 @@ __all__ = [
 NOT_IDENTITY = frozenset(
     {"runs", "seed", "device", "data_dir", "activations", "threshold", "threshold_epochs"}
 )
+
+#: the validation metric a study stores in ``val_acc``: name → (label, unit)
+METRICS: dict[str, tuple[str, str]] = {"accuracy": ("accuracy", "%"), "bleu": ("BLEU", "")}
 
 
 @dataclass
@@ -108,6 +112,9 @@ class Study:
         threshold_epochs: the epochs i of those columns; None picks the paper's
             (5, 10, 15, 30, 50) scaled to the number of epochs run.
         not_identity: extra settings that do not change the numbers.
+        metric: what ``val_acc`` holds, a key of :data:`METRICS`: ``"accuracy"``
+            (top-1, percent; the default) or ``"bleu"`` (corpus BLEU, 0-100); the
+            report labels its columns and figures with it.
     """
 
     name: str
@@ -123,6 +130,23 @@ class Study:
     threshold: float | Mapping[str, float] | Callable[[Mapping[str, Any]], float] | None = None
     threshold_epochs: tuple[int, ...] | None = None
     not_identity: frozenset[str] = frozenset()
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(
+                f"study {self.name!r}: metric {self.metric!r} is not one of {sorted(METRICS)}"
+            )
+
+    @property
+    def metric_label(self) -> str:
+        """The metric's name for tables and figures, e.g. "accuracy" or "BLEU"."""
+        return METRICS[self.metric][0]
+
+    @property
+    def metric_unit(self) -> str:
+        """The metric's unit, "%" for accuracy, "" for BLEU."""
+        return METRICS[self.metric][1]
 
     def config(self, overrides: Mapping[str, Any] | None = None, paper: bool = False) -> dict:
         """``defaults`` ← ``paper_preset`` (if ``paper``) ← ``overrides`` (non-None values).

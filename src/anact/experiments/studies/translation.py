@@ -118,6 +118,7 @@ STUDY = register(
         name="translation",
         title="Transformer de→en, FFN activation compared: validation BLEU (in val_acc)",
         model="transformer",
+        metric="bleu",
         defaults={
             "dataset": "trans-de-en",
             "data_dir": None,
