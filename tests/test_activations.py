@@ -114,3 +114,17 @@ def test_gaussian_hardswish_against_scipy():
 def test_gaussian_rejects_bad_sigma():
     with pytest.raises(ValueError, match="positive"):
         gaussian_expectation([torch.relu], [1.0, -1.0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_derivative_same_with_and_without_graph(name):
+    # the lean path overwrites its intermediates; with a graph being built it must not
+    act = anact.get_activation(name)
+    x = _points(act)
+    lean = act.derivative(x)
+    xg = x.clone().requires_grad_(True)
+    with_graph = act.derivative(xg)
+    torch.testing.assert_close(lean, with_graph.detach(), rtol=0, atol=1e-15)
+    if with_graph.requires_grad:  # piecewise-constant derivatives carry no graph
+        (second,) = torch.autograd.grad(with_graph.sum(), xg)
+        assert torch.isfinite(second).all()

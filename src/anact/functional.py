@@ -77,6 +77,30 @@ def _broadcast_shape(x: Tensor, channel_dim: int | None, stat: Tensor) -> Tensor
     return stat.reshape(shape)
 
 
+def _numel(x: Tensor, dims: list[int]) -> int:
+    """Number of elements reduced into one statistic."""
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
+def _is_scratch(t: Tensor, *others: Tensor) -> bool:
+    """Whether t is a fresh, dense buffer of others[0]'s shape that may be overwritten."""
+    if _is_compiling():  # the compiler plans buffers itself
+        return False
+    ref = others[0]
+    try:
+        return (
+            t.shape == ref.shape
+            and t.dtype == ref.dtype
+            and t.is_contiguous()
+            and all(t.data_ptr() != o.data_ptr() for o in others)
+        )
+    except RuntimeError:  # tensors without storage (vmap, fake tensors): play safe
+        return False
+
+
 def _check_channel_dim(x: Tensor, channel_dim: int | None) -> None:
     if channel_dim is not None and not -x.dim() <= channel_dim < x.dim():
         raise ValueError(
@@ -122,12 +146,18 @@ def batch_moments(
     with torch.no_grad():
         xf = x.detach().to(_stat_dtype(x))
         y = act.fn(xf)
-        dsq = act.derivative(xf).square()
+        d = act.derivative(xf)
         if mask is None:
-            var_x, mean_x = torch.var_mean(xf, dim=dims, correction=0)
-            var_y, mean_y = torch.var_mean(y, dim=dims, correction=0)
-            mean_dsq = dsq.mean(dim=dims)
-            n = xf.numel() // max(1, mean_x.numel())
+            n = _numel(xf, dims)
+            mean_x, mean_y = xf.mean(dim=dims), y.mean(dim=dims)
+            # two-pass (centred) sums of squares, all in one scratch buffer: few passes,
+            # no fresh allocations, and cascade summation keeps float32 accurate
+            scratch = d if _is_scratch(d, xf, y) else torch.empty_like(xf)
+            mean_dsq = torch.square(d, out=scratch).sum(dim=dims) / n
+            torch.sub(xf, _broadcast_shape(xf, channel_dim, mean_x), out=scratch)
+            var_x = scratch.square_().sum(dim=dims) / n
+            torch.sub(y, _broadcast_shape(xf, channel_dim, mean_y), out=scratch)
+            var_y = scratch.square_().sum(dim=dims) / n
             count = torch.full_like(mean_x, float(n))
         else:
             m = _check_mask(x, mask)
@@ -141,7 +171,7 @@ def batch_moments(
             def var(t: Tensor, mu: Tensor) -> Tensor:
                 return mean((t - _broadcast_shape(xf, channel_dim, mu)).square())
 
-            mean_x, mean_y, mean_dsq = mean(xf), mean(y), mean(dsq)
+            mean_x, mean_y, mean_dsq = mean(xf), mean(y), mean(d.square())
             var_x, var_y = var(xf, mean_x), var(y, mean_y)
     return BatchMoments(count, mean_x, var_x, mean_y, var_y, mean_dsq)
 
@@ -266,7 +296,10 @@ class _NormalizedActivationFn(torch.autograd.Function):
     def forward(x, scale, shift, activation, channel_dim):  # type: ignore[override]
         s = _broadcast_shape(x, channel_dim, scale).to(x.dtype)
         b = _broadcast_shape(x, channel_dim, shift).to(x.dtype)
-        return (activation.fn(x) - b) * s
+        y = activation.fn(x)
+        if _is_scratch(y, x):  # a fresh buffer: finish in place, no extra allocation
+            return y.sub_(b).mul_(s)
+        return (y - b) * s
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -280,14 +313,24 @@ class _NormalizedActivationFn(torch.autograd.Function):
         x, scale, shift = ctx.saved_tensors
         act, cd = ctx.activation, ctx.channel_dim
         s = _broadcast_shape(x, cd, scale).to(x.dtype)
+        # in place on fresh buffers unless a graph of the backward is being built
+        inplace = not torch.is_grad_enabled()
         grad_x = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out * act.derivative(x) * s
+            d = act.derivative(x)
+            if inplace and _is_scratch(d, x, grad_out):
+                grad_x = d.mul_(grad_out).mul_(s)
+            else:
+                grad_x = grad_out * d * s
         if ctx.needs_input_grad[1]:
             b = _broadcast_shape(x, cd, shift).to(x.dtype)
-            centered = act.fn(x) - b
+            y = act.fn(x)
+            if inplace and _is_scratch(y, x, grad_out):
+                weighted = y.sub_(b).mul_(grad_out)
+            else:
+                weighted = (y - b) * grad_out
             dims = _reduce_dims(x, cd if scale.dim() else None)
-            grad_scale = (grad_out * centered).sum(dim=dims, dtype=scale.dtype)
+            grad_scale = weighted.sum(dim=dims, dtype=scale.dtype)
         return grad_x, grad_scale, None, None, None
 
 
