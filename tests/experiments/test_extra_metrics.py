@@ -191,6 +191,7 @@ LAYERACT = {  # activation: (clean per epoch, corrupt per epoch, score)
     "relu": ([50.0, 80.0], [40.0, 62.0], 2.0),
     "la-silu": ([52.0, 84.0], [45.0, 71.0], None),  # unhooked: NULL Score
     "la-hardsilu": ([51.0, 83.0], [44.0, 70.0], 0.0),  # unhooked, pre-fix database: 0.0
+    "nswish": ([10.0, 10.0], [10.0, 10.0], None),  # diverged: no Score, no weights either
 }
 
 
@@ -210,8 +211,10 @@ def layeract_results(tmp_path):
             rid = st.ensure_run(study="layeract", model="resnet-cifar", dataset="fashion-mnist",
                                 activation=act, seed=0, config={"epochs": 2})  # fmt: skip
             for e, (c, k) in enumerate(zip(clean, corrupt, strict=True), 1):
+                wsum = None if act == "nswish" else 0.01 * e
                 st.record_epoch(
-                    rid, e, {"val_acc": c, "score": score, "seconds": 1.0},
+                    rid, e, {"val_acc": c, "score": score, "seconds": 1.0,
+                             "weight_mean_abs_sum": wsum},
                     extra={"corrupt_acc": k, "corrupt_acc/gaussian_noise": k - 10,
                            "corrupt_acc/contrast": k + 10},
                 )  # fmt: skip
@@ -247,6 +250,7 @@ def test_unhooked_score_is_na(layeract_results):
     assert row(text, "ReLU", 2)[1] == "2.000"
     assert row(text, "LA-SiLU", 2)[1] == "n/a"  # NULL Score
     assert row(text, "LA-HardSiLU", 2)[1] == "n/a"  # 0.0 in every epoch: nothing hooked
+    assert row(text, "NSwish", 2)[1] == "–"  # diverged: not "n/a"
     assert "0.000" not in text
 
 

@@ -264,9 +264,9 @@ def convergence_table(
     the median then counts such runs as E + 1). Then Spearman's rank correlation
     across activations between Score and epoch-1 accuracy: the paper (§3.1) finds
     the Score "roughly inversely related to the speed of convergence", i.e. negative.
-    An activation without any measured Score (the monitor hooked no layer, stored
-    as NULL; or, in databases written before that, 0.0 in every epoch: an empty
-    sum) shows "n/a" and is left out of the correlation.
+    An activation without any measured Score (the monitor hooked no layer: see
+    :func:`_unmeasured`) shows "n/a" and is left out of the correlation; one whose
+    runs diverged from the start (no Score, no weights) shows "–".
     """
     label, unit = _metric(metric)
     names = [a for a in (order or []) if a in group.results]
@@ -284,10 +284,11 @@ def convergence_table(
             for c in r.score
         ]  # fmt: skip
         sc = statistics.median(per_run)
-        if _unmeasured(r.score):
+        unmeasured = _unmeasured(r)
+        if unmeasured:
             sc = math.nan
         acc1 = statistics.median(c[0] for c in r.val_acc if c)
-        row = [_label(a), "n/a" if _unmeasured(r.score) else _fmt(sc, 3), _fmt(acc1)]
+        row = [_label(a), "n/a" if unmeasured else _fmt(sc, 3), _fmt(acc1)]
         if threshold is not None:
             reach = [
                 next((i + 1 for i, v in enumerate(c) if v >= threshold), len(c) + 1)
@@ -309,12 +310,17 @@ def convergence_table(
     return "\n".join(lines)
 
 
-def _unmeasured(score_curves: Sequence[Sequence[float | None]]) -> bool:
-    """True if no run has a measured Score: all NULL/NaN, or all exactly 0.0 (the
-    empty sum the monitor returns when it hooks no layer; a real Score, a sum of
-    |ln ρ| terms over steps and layers, is never exactly 0)."""
-    vals = [v for c in score_curves for v in c if v is not None and not math.isnan(v)]
-    return all(v == 0.0 for v in vals)
+def _unmeasured(r: ActivationResult) -> bool:
+    """True if the monitor measured no Score for this activation (it hooked no layer,
+    e.g. layer-level LA-SiLU): no finite Score in any epoch of any run, while the
+    weights were measured (a diverged run has neither, and shows "–"); or, in
+    databases written before such Scores were stored as NULL, exactly 0.0 in every
+    epoch (the monitor's empty sum; a real Score, a sum of |ln ρ| terms over steps
+    and layers, is never exactly 0)."""
+    vals = [v for c in r.score for v in c if v is not None and math.isfinite(v)]
+    if vals:
+        return all(v == 0.0 for v in vals)
+    return any(v is not None and math.isfinite(v) for c in r.weight_mean_abs_sum for v in c)
 
 
 def robustness_table(
