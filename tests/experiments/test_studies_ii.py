@@ -107,6 +107,12 @@ def test_translation_study_quick(tmp_path: Path) -> None:
            "dim_ff": 32, "min_freq": 1, "batch_size": 16, "lr": 3e-3}  # fmt: skip
     last = _run("translation", cfg, ["relu", "nswish"], tmp_path / "out")
     assert all(0 <= e["val_acc"] <= 100 for e in last)
+    from anact.experiments.report import write_report
+
+    write_report(tmp_path / "out", figures=False)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "validation = greedy decoding of the fixed validation split" in text
+    assert "official test split" not in text
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "layeract"])

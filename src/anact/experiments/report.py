@@ -526,7 +526,7 @@ def write_report(
         lines.append("")
         notes = [
             f"mean/median: of each run's best validation {label}{unit_txt} over its epochs; "
-            "validation = the official test split."
+            f"validation = {study.validation if study else 'the official test split'}."
         ]
         if thr is not None:
             notes.append(

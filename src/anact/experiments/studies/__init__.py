@@ -131,6 +131,8 @@ class Study:
     threshold_epochs: tuple[int, ...] | None = None
     not_identity: frozenset[str] = frozenset()
     metric: str = "accuracy"
+    #: what the validation numbers are measured on, for the report's notes
+    validation: str = "the official test split"
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:

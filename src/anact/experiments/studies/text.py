@@ -92,6 +92,7 @@ STUDY = register(
     Study(
         name="text",
         title="TextRCNN sentiment classification, padding masked: validation accuracy (§3.4)",
+        validation="the fixed validation split (the test split is kept untouched)",
         model="textrcnn",
         defaults={
             "dataset": "rotten-tomatoes",

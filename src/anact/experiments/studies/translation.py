@@ -119,6 +119,7 @@ STUDY = register(
         title="Transformer de→en, FFN activation compared: validation BLEU (in val_acc)",
         model="transformer",
         metric="bleu",
+        validation="greedy decoding of the fixed validation split (`eval_subset` sentences)",
         defaults={
             "dataset": "trans-de-en",
             "data_dir": None,
