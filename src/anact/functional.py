@@ -277,9 +277,14 @@ def update_running_stats(
         num_batches_tracked.add_(valid.any().to(num_batches_tracked.dtype))
 
 
-def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float = 1e-5) -> Tensor:
-    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13); ρ, ρ' are floored at ``eps``."""
-    rho, rho_prime = rho.clamp_min(eps), rho_prime.clamp_min(eps)
+def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> Tensor:
+    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13).
+
+    ρ, ρ' are floored at ``eps`` to keep λ finite; ``eps=None`` gives the exact
+    value (inf where ρ or ρ' is 0), as the analysis tools need.
+    """
+    if eps is not None:
+        rho, rho_prime = rho.clamp_min(eps), rho_prime.clamp_min(eps)
     return torch.sqrt((rho + rho_prime) / (2 * rho * rho_prime))
 
 

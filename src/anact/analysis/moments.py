@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from anact import functional as AF
 from anact.activations import Activation, get_activation, resolve_activation
 from anact.gaussian import gaussian_expectation
 
@@ -123,11 +124,10 @@ def _finish(x: torch.Tensor, shape: tuple[int, ...], scalar: bool) -> float | np
 
 
 def lambda_factor(rho: ArrayLike, rho_prime: ArrayLike) -> float | np.ndarray:
-    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13), elementwise, float64."""
-    r = np.asarray(rho, dtype=np.float64)
-    rp = np.asarray(rho_prime, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.sqrt((r + rp) / (2 * r * rp))
+    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13), elementwise, float64, unfloored."""
+    r = torch.as_tensor(np.asarray(rho, dtype=np.float64))
+    rp = torch.as_tensor(np.asarray(rho_prime, dtype=np.float64))
+    out = AF.lambda_factor(r, rp, eps=None).numpy()
     return float(out) if out.ndim == 0 else out
 
 
@@ -158,7 +158,7 @@ def gaussian_moments(activation: ActivationSpec, sigma: ArrayLike) -> GaussianMo
     (var,) = gaussian_expectation([lambda x: (fn(x) - mean[:, None]) ** 2], s, act.kinks)
     rho = var / (s * s)  # eq. 5, 31
     rho_prime = dsq  # eq. 6
-    lam = torch.sqrt((rho + rho_prime) / (2 * rho * rho_prime))  # eq. 13
+    lam = AF.lambda_factor(rho, rho_prime, eps=None)  # eq. 13
     return GaussianMoments(
         sigma=float(sig) if scalar else sig.copy(),
         mean=_finish(mean, shape, scalar),

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from anact import functional as AF
 from anact.activations import Activation, get_activation
 
 __all__ = [
@@ -291,7 +292,6 @@ class _Layer:
         if m.track_running_stats:
             c = m.scale()  # in training, the running values this forward just used
         else:
-            from anact import functional as AF
 
             mom = AF.batch_moments(x, m.activation, channel_dim=m.channel_dim, mask=mask)
             rho, rho_prime, _, _ = AF.moments_to_stats(mom)
@@ -631,12 +631,6 @@ def _log(v: float) -> float:
     return -math.inf if v == 0 else math.nan
 
 
-def _lam(rho: float, rho_prime: float) -> float:
-    if rho > 0 and rho_prime > 0:
-        return math.sqrt((rho + rho_prime) / (2 * rho * rho_prime))
-    return math.inf if rho == 0 or rho_prime == 0 else math.nan
-
-
 def _stats(s: dict[str, float]) -> dict[str, float]:
     """Layer statistics (LAYER_STATS and λ) from pooled power sums, in float64."""
     n = s["n"]
@@ -655,7 +649,9 @@ def _stats(s: dict[str, float]) -> dict[str, float]:
         "out_mean": my,
         "out_var": var_y,
     }
-    out["lam"] = _lam(out["delta_rho"], out["delta_rho_prime"])  # eq. 13
+    rho, rho_prime = (torch.tensor(out[k], dtype=torch.float64)
+                      for k in ("delta_rho", "delta_rho_prime"))
+    out["lam"] = float(AF.lambda_factor(rho, rho_prime, eps=None))  # eq. 13, inf if dead
     return out
 
 
