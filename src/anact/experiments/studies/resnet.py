@@ -26,6 +26,8 @@ from anact.experiments.models import init_weights
 from anact.experiments.models.resnet import ResNet
 from anact.experiments.studies import Study, Trial, register
 from anact.experiments.studies.vgg import (
+    IMAGE_DEFAULTS,
+    IMAGE_PAPER,
     image_trial,
     load_images,
     make_optimizer,
@@ -53,29 +55,14 @@ def build(
 
 
 _DEFAULTS = {
-    "dataset": "fashion-mnist",
-    "data_dir": None,
-    "runs": 1,
-    "epochs": 3,
-    "seed": 0,
-    "train_subset": 5000,
-    "batch_size": 128,
-    "lr": 1e-3,
-    "weight_decay": 5e-4,
-    "sgd_lr": 0.01,
-    "sgd_activations": [],
-    "augment": False,
+    **IMAGE_DEFAULTS,
     "layers": [1, 1, 1, 1],
     "base_width": 8,
     "stem": "cifar",
     "center": True,
 }
 _PAPER = {
-    "dataset": "cifar100",
-    "runs": 3,
-    "epochs": 200,
-    "train_subset": None,
-    "augment": True,
+    **IMAGE_PAPER,
     "layers": [3, 4, 6, 3],
     "base_width": 64,
 }

@@ -39,6 +39,8 @@ from anact.experiments.models.vgg import VGG
 from anact.experiments.studies import Study, Trial, register
 
 __all__ = [
+    "IMAGE_DEFAULTS",
+    "IMAGE_PAPER",
     "STUDY",
     "STUDY_NOBN",
     "build",
@@ -195,7 +197,8 @@ def build(
     return image_trial(model, opt, data, config, sched)
 
 
-_DEFAULTS = {
+#: quick image-study settings shared by the vgg and resnet studies (CPU-sized)
+IMAGE_DEFAULTS = {
     "dataset": "fashion-mnist",
     "data_dir": None,
     "runs": 1,
@@ -208,6 +211,18 @@ _DEFAULTS = {
     "sgd_lr": 0.01,
     "sgd_activations": [],
     "augment": False,
+}
+#: the paper's image protocol: CIFAR-100, 3 runs × 200 epochs, full data, augmentation
+IMAGE_PAPER = {
+    "dataset": "cifar100",
+    "runs": 3,
+    "epochs": 200,
+    "train_subset": None,
+    "augment": True,
+}
+
+_DEFAULTS = {
+    **IMAGE_DEFAULTS,
     "config": "vgg19",
     "width_div": 8,
     "hidden": 256,
@@ -217,11 +232,7 @@ _DEFAULTS = {
     "center": True,
 }
 _PAPER = {
-    "dataset": "cifar100",
-    "runs": 3,
-    "epochs": 200,
-    "train_subset": None,
-    "augment": True,
+    **IMAGE_PAPER,
     "width_div": 1,
     "hidden": 4096,
 }
