@@ -108,6 +108,11 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("--out", default="results", help="output directory (default results/)")
     p.add_argument("--threshold", type=float, help="accuracy %% of the 'runs under' columns")
+    p.add_argument(
+        "--ensemble", action="store_true",
+        help="train each activation's runs together as one batched model (torch.func.vmap; "
+        "same numbers to float rounding, same store and checkpoints; see docs/ensemble.md)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.set_defaults(func=cmd_reproduce)
@@ -134,7 +139,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from anact.experiments.data import DataError
     from anact.experiments.models import parse_activations
     from anact.experiments.report import write_report
-    from anact.experiments.runner import reproduce
+    from anact.experiments.runner import check_ensemble_support, reproduce
     from anact.experiments.studies import get_study
 
     study = get_study(args.study)
@@ -154,6 +159,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 )
             config[key] = value
         activations = parse_activations(args.activations or study.activations, study.activations)
+        if args.ensemble:
+            check_ensemble_support(study)
         device = torch.device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -164,7 +171,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={v}" for k, v in config.items())
         print(f"{study.name}: {', '.join(activations)}; {shown}; out={args.out}", file=sys.stderr)
     try:
-        reproduce(study, config, activations, out_dir=args.out, device=device, quiet=args.quiet)
+        reproduce(
+            study, config, activations, out_dir=args.out, device=device, quiet=args.quiet,
+            ensemble=args.ensemble,
+        )  # fmt: skip
     except DataError as e:
         print(f"anact reproduce: error: {e}", file=sys.stderr)
         return 2

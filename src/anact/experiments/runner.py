@@ -18,6 +18,11 @@ For each (activation, run index i) the runner
    tmp + ``os.replace``), so a process killed at any moment resumes from its last
    finished epoch and ends with the same numbers as an uninterrupted run (CPU);
 5. marks the run done and deletes its checkpoint.
+
+``reproduce(..., ensemble=True)`` (``anact reproduce --ensemble``) trains the runs of
+each activation together as one batched model instead
+(:func:`anact.experiments.ensemble.train_ensemble`): the same steps 1-5 per run, the
+same store rows and checkpoints, so either way resumes what the other left.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ import torch
 from anact.experiments.store import Store, config_key
 from anact.experiments.studies import Study, Trial, identity_config
 
-__all__ = ["RESULTS_FILE", "reproduce", "run_one", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "RESULTS_FILE",
+    "check_ensemble_support",
+    "load_checkpoint",
+    "reproduce",
+    "run_one",
+    "save_checkpoint",
+]
 
 RESULTS_FILE = "results.sqlite"
 
@@ -98,6 +110,96 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
 
+def _claim_run(
+    study: Study,
+    config: Mapping[str, Any],
+    activation: str,
+    seed: int,
+    store: Store,
+    checkpoint_dir: Path,
+) -> tuple[str, int, Path]:
+    """Find or create the run: ``(state, run id, checkpoint path)``, state ``"skipped"``
+    (done), ``"busy"`` (another live process holds it) or ``"claimed"`` (ours now)."""
+    run_id = store.ensure_run(
+        study=study.name, model=study.model, dataset=config["dataset"],
+        activation=activation, seed=seed, config=identity_config(study, config),
+    )  # fmt: skip
+    ckpt_path = checkpoint_dir / f"run-{run_id}.pt"
+    if store.run(run_id)["status"] == "done":
+        ckpt_path.unlink(missing_ok=True)  # left if killed between "done" and the delete
+        return "skipped", run_id, ckpt_path
+    if not store.claim(run_id):
+        return "busy", run_id, ckpt_path
+    _remove_partial_writes(ckpt_path)  # left by a process killed while saving
+    return "claimed", run_id, ckpt_path
+
+
+def _start_trial(
+    study: Study,
+    config: Mapping[str, Any],
+    activation: str,
+    seed: int,
+    data: Any,
+    device: torch.device,
+    run_id: int,
+    ckpt_path: Path,
+) -> tuple[Trial, torch.Generator, int]:
+    """Seed, build and (from its checkpoint) restore a run: ``(trial, data-order
+    generator, epochs already done)``; the torch RNG is left as the run needs it."""
+    torch.manual_seed(seed)
+    trial = study.build(dict(config), activation, seed, data, device)
+    order = torch.Generator().manual_seed(seed)  # data order, CPU (portable state)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt is None:
+        return trial, order, 0
+    if ckpt.get("run_id") != run_id:
+        raise RuntimeError(f"{ckpt_path} belongs to run {ckpt.get('run_id')}, not {run_id}")
+    _load_trial_state(trial, ckpt["trial"])
+    order.set_state(ckpt["order_rng"])
+    _set_rng_state(ckpt["rng"])
+    return trial, order, int(ckpt["epoch"])
+
+
+def _record_epoch(
+    store: Store,
+    run_id: int,
+    epoch: int,
+    *,
+    loss: float,
+    metrics: Mapping[str, Any],
+    score: float | None,
+    weight_mean_abs_sum: float,
+    seconds: float,
+) -> None:
+    store.record_epoch(
+        run_id,
+        epoch,
+        {
+            "train_loss": _finite(loss),
+            "val_acc": float(metrics["val_acc"]),
+            "val_acc_top5": _finite(metrics.get("val_acc_top5")),
+            "score": None if score is None else _finite(score),
+            "weight_mean_abs_sum": _finite(weight_mean_abs_sum),
+            "seconds": seconds,
+        },
+        extra={k: v for k, v in metrics.items() if k not in ("val_acc", "val_acc_top5")},
+    )
+
+
+def _save_run_checkpoint(
+    ckpt_path: Path,
+    run_id: int,
+    epoch: int,
+    trial: Trial,
+    order: torch.Generator,
+    rng: Mapping[str, Any],
+) -> None:
+    save_checkpoint(ckpt_path, {
+        "run_id": run_id, "epoch": epoch, "trial": _trial_state(trial),
+        "order_rng": order.get_state(), "rng": dict(rng),
+    })  # fmt: skip
+
+
 def run_one(
     study: Study,
     config: Mapping[str, Any],
@@ -118,33 +220,15 @@ def run_one(
     """
     from anact.analysis.monitors import ConvergenceMonitor
 
-    ident = identity_config(study, config)
-    run_id = store.ensure_run(
-        study=study.name, model=study.model, dataset=config["dataset"],
-        activation=activation, seed=seed, config=ident,
-    )  # fmt: skip
-    ckpt_path = checkpoint_dir / f"run-{run_id}.pt"
-    if store.run(run_id)["status"] == "done":
-        ckpt_path.unlink(missing_ok=True)  # left if killed between "done" and the delete
-        return "skipped"
-    if not store.claim(run_id):
-        return "busy"
-    _remove_partial_writes(ckpt_path)  # left by a process killed while saving
+    state, run_id, ckpt_path = _claim_run(study, config, activation, seed, store, checkpoint_dir)
+    if state != "claimed":
+        return state
     try:
         if callable(data):
             data = data()
-        torch.manual_seed(seed)
-        trial = study.build(dict(config), activation, seed, data, device)
-        order = torch.Generator().manual_seed(seed)  # data order, CPU (portable state)
-        start = 0
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt is not None:
-            if ckpt.get("run_id") != run_id:
-                raise RuntimeError(f"{ckpt_path} belongs to run {ckpt.get('run_id')}, not {run_id}")
-            _load_trial_state(trial, ckpt["trial"])
-            order.set_state(ckpt["order_rng"])
-            _set_rng_state(ckpt["rng"])
-            start = int(ckpt["epoch"])
+        trial, order, start = _start_trial(
+            study, config, activation, seed, data, device, run_id, ckpt_path
+        )
         store.truncate_epochs(run_id, start)
         if progress is not None:
             progress.update(start)
@@ -154,24 +238,15 @@ def run_one(
                 loss = trial.train_epoch(order, monitor.step)
                 summary = monitor.epoch_summary(reset=True)
                 metrics = trial.evaluate()
-                seconds = time.perf_counter() - t0
                 # no hooked layer (e.g. only layer-level LA-SiLU): the monitor's Score is
                 # an empty sum (0.0), not a measurement; store it as unknown
-                score = _finite(summary["score"]) if summary["layers"] else None
-                store.record_epoch(run_id, epoch, {
-                    "train_loss": _finite(loss),
-                    "val_acc": float(metrics["val_acc"]),
-                    "val_acc_top5": _finite(metrics.get("val_acc_top5")),
-                    "score": score,
-                    "weight_mean_abs_sum": _finite(summary["weight_mean_abs_sum"]),
-                    "seconds": seconds,
-                }, extra={
-                    k: v for k, v in metrics.items() if k not in ("val_acc", "val_acc_top5")
-                })  # fmt: skip
-                save_checkpoint(ckpt_path, {
-                    "run_id": run_id, "epoch": epoch, "trial": _trial_state(trial),
-                    "order_rng": order.get_state(), "rng": _rng_state(),
-                })  # fmt: skip
+                _record_epoch(
+                    store, run_id, epoch, loss=loss, metrics=metrics,
+                    score=summary["score"] if summary["layers"] else None,
+                    weight_mean_abs_sum=summary["weight_mean_abs_sum"],
+                    seconds=time.perf_counter() - t0,
+                )  # fmt: skip
+                _save_run_checkpoint(ckpt_path, run_id, epoch, trial, order, _rng_state())
                 if progress is not None:
                     progress.set_postfix_str(
                         f"{activation} seed {seed} epoch {epoch}: {metrics['val_acc']:.2f}%"
@@ -188,6 +263,19 @@ def run_one(
     return "done"
 
 
+def check_ensemble_support(study: Study) -> None:
+    """ValueError unless the study's runs can train as one ensemble (``--ensemble``)."""
+    from anact.experiments.studies import STUDIES
+
+    if study.ensemble is None:
+        able = sorted(name for name, s in STUDIES.items() if s.ensemble is not None)
+        raise ValueError(
+            f"study {study.name!r} does not support --ensemble (it declares no "
+            f"EnsembleSpec; studies that do: {', '.join(able) or 'none'}); run it "
+            "without --ensemble"
+        )
+
+
 def reproduce(
     study: Study,
     config: Mapping[str, Any],
@@ -196,6 +284,7 @@ def reproduce(
     out_dir: str | os.PathLike[str] = "results",
     device: str | torch.device = "cpu",
     quiet: bool = False,
+    ensemble: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every run of a study; returns the store's rows of these runs.
 
@@ -206,6 +295,9 @@ def reproduce(
         out_dir: holds ``results.sqlite`` and ``checkpoints/``.
         device: torch device for data and models.
         quiet: no progress bar.
+        ensemble: train the runs of each activation together as one batched ensemble
+            (:mod:`anact.experiments.ensemble`; the study must declare an
+            ``EnsembleSpec``); same runs, store rows and checkpoints as without.
     """
     from tqdm.auto import tqdm
 
@@ -213,6 +305,8 @@ def reproduce(
     runs, epochs = int(config["runs"]), int(config["epochs"])
     if runs < 1 or epochs < 1:
         raise ValueError(f"runs and epochs must be >= 1, got runs={runs}, epochs={epochs}")
+    if ensemble:
+        check_ensemble_support(study)
     device = torch.device(device)
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
@@ -224,23 +318,36 @@ def reproduce(
             cache["data"] = study.load_data(dict(config), device)
         return cache["data"]
 
-    jobs: Iterable[tuple[int, str]] = [(i, a) for i in range(runs) for a in activations]
+    seeds = range(int(config["seed"]), int(config["seed"]) + runs)
     with Store(out / RESULTS_FILE) as store, tqdm(
         total=runs * len(activations) * epochs, disable=quiet, unit="epoch",
         desc=study.name, file=sys.stderr, dynamic_ncols=True,
     ) as bar:  # fmt: skip
-        for i, act in jobs:
-            seed = int(config["seed"]) + i
-            status = run_one(
-                study, config, act, seed, store=store, checkpoint_dir=ckpt_dir,
-                device=device, data=data, progress=bar,
+        if ensemble:
+            from anact.experiments.ensemble import train_ensemble
+
+            statuses: Iterable[tuple[str, int, str]] = (
+                (act, seed, status)
+                for act in activations
+                for seed, status in train_ensemble(
+                    study, config, act, seeds, store=store, checkpoint_dir=ckpt_dir,
+                    device=device, data=data, progress=bar,
+                ).items()
             )  # fmt: skip
+        else:
+            statuses = (
+                (act, seed, run_one(
+                    study, config, act, seed, store=store, checkpoint_dir=ckpt_dir,
+                    device=device, data=data, progress=bar,
+                ))
+                for seed in seeds for act in activations
+            )  # fmt: skip
+        for act, seed, status in statuses:
             if status != "done":
                 bar.update(epochs)
             if status == "busy" and not quiet:
                 bar.write(f"{act} seed {seed}: running in another process, skipped")
         key = config_key(identity_config(study, config))
-        seeds = range(int(config["seed"]), int(config["seed"]) + runs)
         done = [
             r for r in store.runs(study=study.name)
             if r["config_key"] == key and r["activation"] in activations and r["seed"] in seeds

@@ -41,7 +41,7 @@ run with index i (0-based) uses seed ``seed + i``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ from torch import nn
 __all__ = [
     "METRICS",
     "NOT_IDENTITY",
+    "EnsembleSpec",
     "STUDIES",
     "Study",
     "Trial",
@@ -90,6 +91,35 @@ class Trial:
 
 
 @dataclass(frozen=True)
+class EnsembleSpec:
+    """A study's opt-in to ensemble training (``anact reproduce --ensemble``): the runs
+    of one activation train together as one batched model (:mod:`anact.experiments.
+    ensemble`), each numerically the same as the run alone.
+
+    The members are made by :attr:`Study.build` exactly as for sequential runs; their
+    ``train_epoch`` and ``evaluate`` are replaced by what this spec says they do. It
+    fits a classifier trained with ``torch.optim.SGD`` (one group over
+    ``model.parameters()``), one step per batch, no scheduler and no global randomness
+    while training (vmap refuses random ops), validated by top-1 accuracy.
+
+    Attributes:
+        train_set: ``data -> (inputs, targets)`` of the training set.
+        val_set: ``data -> (inputs, targets)`` of the validation set.
+        batches: ``(config, data, generator) -> index tensors`` of one epoch's
+            batches, drawn from the generator exactly as the study's ``train_epoch``
+            draws them (let both call one function).
+        loss: ``(logits, targets) -> mean loss of the batch``, as ``train_epoch``.
+        eval_batch: validation batch size.
+    """
+
+    train_set: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    val_set: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    batches: Callable[[Mapping[str, Any], Any, torch.Generator], Sequence[torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    eval_batch: int = 1000
+
+
+@dataclass(frozen=True)
 class Study:
     """A registered experiment; see the module docstring for how to add one.
 
@@ -115,6 +145,9 @@ class Study:
         metric: what ``val_acc`` holds, a key of :data:`METRICS`: ``"accuracy"``
             (top-1, percent; the default) or ``"bleu"`` (corpus BLEU, 0-100); the
             report labels its columns and figures with it.
+        validation: what the validation numbers are measured on, for the report.
+        ensemble: an :class:`EnsembleSpec` if the study's runs can train as one
+            batched ensemble (``--ensemble``), else None.
     """
 
     name: str
@@ -133,6 +166,7 @@ class Study:
     metric: str = "accuracy"
     #: what the validation numbers are measured on, for the report's notes
     validation: str = "the official test split"
+    ensemble: EnsembleSpec | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from anact.experiments import paper
 from anact.experiments.data import ImageData, load_image_dataset
 from anact.experiments.models import ACTIVATIONS, LeNet5, init_weights
-from anact.experiments.studies import Study, Trial, register
+from anact.experiments.studies import EnsembleSpec, Study, Trial, register
 
-__all__ = ["STUDY", "build", "load_data", "threshold"]
+__all__ = ["STUDY", "build", "epoch_batches", "load_data", "threshold"]
+
 
 def threshold(config: Mapping[str, Any]) -> float:
     """Accuracy (%) of the "runs under threshold until epoch i" columns.
@@ -45,6 +46,15 @@ def threshold(config: Mapping[str, Any]) -> float:
 
 
 EVAL_BATCH = 1000
+
+
+def epoch_batches(
+    order: torch.Generator, n: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """One epoch's training batches (index tensors on ``device``): a permutation of
+    range(n) drawn from ``order``, cut into batches of ``batch_size`` (the last may be
+    smaller). Sequential runs and ensemble members both draw their batches here."""
+    return torch.randperm(n, generator=order).to(device).split(batch_size)
 
 
 def load_data(config: dict[str, Any], device: torch.device) -> ImageData:
@@ -68,10 +78,8 @@ def build(
 
     def train_epoch(order: torch.Generator, after_step) -> float:
         model.train()
-        perm = torch.randperm(n, generator=order).to(x.device)
         total = torch.zeros((), device=x.device)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
+        for idx in epoch_batches(order, n, bs, x.device):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,5 +128,14 @@ STUDY = register(
         ),
         threshold=threshold,
         threshold_epochs=None,
+        ensemble=EnsembleSpec(
+            train_set=lambda data: (data.train_x, data.train_y),
+            val_set=lambda data: (data.val_x, data.val_y),
+            batches=lambda config, data, order: epoch_batches(
+                order, data.train_x.shape[0], int(config["batch_size"]), data.train_x.device
+            ),
+            loss=F.cross_entropy,
+            eval_batch=EVAL_BATCH,
+        ),
     )
 )
