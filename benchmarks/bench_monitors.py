@@ -7,7 +7,7 @@ the median over repeats of (time with monitor) / (time without), both as wall
 time and as this thread's CPU time (robust when other processes share the
 cores; torch runs single-threaded here). The target is ≤ 1.10.
 
-    python benchmarks/bench_monitors.py [--act relu|nrelu|swish|nswish] [--batch 128]
+    python benchmarks/bench_monitors.py [--act relu|swish|tanh|nrelu|nswish] [--batch 128]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def lenet5(act: str) -> nn.Module:
             return nn.ReLU()
         if act == "swish":
             return nn.SiLU()
+        if act == "tanh":
+            return nn.Tanh()
         import anact
 
         return {"nrelu": anact.NReLU, "nswish": anact.NSwish}[act](center=False)
@@ -43,7 +45,7 @@ def lenet5(act: str) -> nn.Module:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--act", default="relu", choices=["relu", "swish", "nrelu", "nswish"])
+    p.add_argument("--act", default="relu", choices=["relu", "swish", "tanh", "nrelu", "nswish"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="steps per timing (K)")
     p.add_argument("--repeats", type=int, default=30)

@@ -1,5 +1,6 @@
 """NormalizedActivation against an independent float64 re-statement of the paper."""
 
+import copy
 import math
 import warnings
 
@@ -430,3 +431,28 @@ def test_torch_save_whole_model():
     loaded.eval()
     x = torch.randn(5, 3)
     assert torch.equal(model(x), loaded(x))
+
+
+def test_moments_hook_sees_each_training_batch_and_detaches():
+    torch.manual_seed(0)
+    m = anact.NSwish(4, channel_dim=1)
+    seen = []
+    handle = m.register_moments_hook(lambda module, moments: seen.append((module, moments)))
+    x = torch.randn(8, 4, 5) * 2 + 0.5
+    m(x)
+    assert len(seen) == 1 and seen[0][0] is m
+    ref = AF.batch_moments(x, "swish", channel_dim=1)
+    for got, want in zip(seen[0][1], ref, strict=True):
+        torch.testing.assert_close(got, want)
+    m.eval()
+    m(x)  # eval uses the running statistics: no batch moments
+    assert len(seen) == 1
+    m.train()
+    handle.remove()
+    m(x)
+    assert len(seen) == 1
+    # a deep copy keeps its own hooks; pickling a module without hooks still works
+    h2 = m.register_moments_hook(lambda module, moments: seen.append(moments))
+    h2.remove()
+    copy.deepcopy(m)(x)
+    assert len(seen) == 1

@@ -8,10 +8,13 @@ and stored statistics, and the math lives in :mod:`anact.functional`.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from anact import functional as AF
 from anact.activations import Activation, resolve_activation
@@ -121,6 +124,7 @@ class NormalizedActivation(nn.Module):
         self.channel_dim = channel_dim
         self.eps = eps
         self.track_running_stats = track_running_stats
+        self._moments_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
 
         shape = () if num_features is None else (num_features,)
         factory = {"device": device, "dtype": dtype}
@@ -191,7 +195,7 @@ class NormalizedActivation(nn.Module):
             channel_dim=self.channel_dim,
             eps=self.eps,
             mask=mask,
-            reduce_moments=self._reduce_moments(),
+            reduce_moments=self._observed(self._reduce_moments()),
         )
         if before is not None:
             self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
@@ -203,6 +207,36 @@ class NormalizedActivation(nn.Module):
     def _reduce_moments(self):
         """Hook for synchronised statistics (distributed training); None = local."""
         return None
+
+    def register_moments_hook(
+        self, hook: Callable[[NormalizedActivation, AF.BatchMoments], None]
+    ) -> RemovableHandle:
+        """Call ``hook(module, moments)`` whenever a forward pass computes batch moments.
+
+        ``moments`` (:class:`anact.functional.BatchMoments`, no gradient) are this
+        process's moments of the batch, before any cross-process reduction: the
+        statistics the layer needs anyway, so a monitor can read ρ, ρ', μ of each
+        batch without another pass over the data (:class:`anact.analysis.
+        ConvergenceMonitor` does). Not called inside ``torch.compile``. Returns a
+        handle whose ``remove()`` detaches the hook, like ``register_forward_hook``.
+        """
+        hooks = self.__dict__.setdefault("_moments_hooks", OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
+    def _observed(self, reduce):
+        """``reduce`` preceded by the moments hooks (identity when there are none)."""
+        hooks = self.__dict__.get("_moments_hooks")  # absent in modules pickled before
+        if not hooks or AF._is_compiling():
+            return reduce
+
+        def observe_then_reduce(moments: AF.BatchMoments) -> AF.BatchMoments:
+            for hook in tuple(hooks.values()):
+                hook(self, moments)
+            return moments if reduce is None else reduce(moments)
+
+        return observe_then_reduce
 
     def scale(self) -> Tensor:
         """The current factor λ + β·tanh(α) from the running statistics (eq. 15)."""

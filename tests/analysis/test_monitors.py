@@ -1,5 +1,6 @@
 """ConvergenceMonitor against a direct float64 computation on the captured pre-activations."""
 
+import copy
 import math
 
 import numpy as np
@@ -25,6 +26,10 @@ _NP = {
     "swish": (
         lambda x, p: x / (1 + np.exp(-x)),
         lambda x, p: 1 / (1 + np.exp(-x)) * (1 + x * (1 - 1 / (1 + np.exp(-x)))),
+    ),
+    "sigmoid": (
+        lambda x, p: 1 / (1 + np.exp(-x)),
+        lambda x, p: np.exp(-x) / (1 + np.exp(-x)) ** 2,
     ),
 }
 
@@ -424,7 +429,7 @@ def test_derivative_square_sums_match_float64(name, params):
     g = act.derivative(x.double())
     expected = torch.dot(g, g)
     prime = _shortcut_for(act)
-    for buf in (None, torch.empty(_CHUNK)):  # one pass; chunks through a scratch buffer
+    for buf in (None, torch.empty(x.numel() + 5)):  # fresh tensors; a reused scratch buffer
         got = _dsq_sum(x, act, prime, buf).double()
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=0)
 
@@ -453,6 +458,17 @@ def test_max_rows_uses_the_first_rows_but_the_whole_batch_scale():
     f, df = _NP["swish"]
     d, dd = f(x, {}), df(x, {})
     c2 = y.var() / d.var()  # the scale the forward used, from all 40 rows
+    # a normalized layer hands over its own whole-batch moments: max_rows does not apply
+    np.testing.assert_allclose(rec["1"]["rho"], y.var() / x.var(), rtol=1e-4)
+    np.testing.assert_allclose(rec["1"]["rho_prime"], c2 * np.mean(dd**2), rtol=1e-4)
+    # without them (as inside torch.compile, where the layer calls no moments hook) the
+    # monitor computes on the first rows, with the scale of the whole batch
+    model[1]._moments_hooks.clear()
+    model(torch.randn(40, 3) * 2)
+    rec = mon.step()["layers"]
+    x, y = cap.inputs["1"], cap.outputs["1"]
+    d, dd = f(x, {}), df(x, {})
+    c2 = y.var() / d.var()
     xs, ys, dds = x[:5], y[:5], dd[:5]
     np.testing.assert_allclose(rec["1"]["rho"], ys.var() / xs.var(), rtol=1e-4)
     np.testing.assert_allclose(rec["1"]["rho_prime"], c2 * np.mean(dds**2), rtol=1e-4)
@@ -462,3 +478,72 @@ def test_max_rows_uses_the_first_rows_but_the_whole_batch_scale():
     np.testing.assert_allclose(rec["2"]["rho_prime"], rho_p, rtol=1e-4)
     with pytest.raises(ValueError, match="max_rows"):
         ConvergenceMonitor(model, max_rows=0)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("relu", {}), ("lrelu", {}), ("lrelu", {"negative_slope": 0.3}), ("tanh", {}),
+     ("sigmoid", {}), ("elu", {}), ("elu", {"alpha": 0.4}), ("selu", {}), ("swish", {})],
+)
+def test_derivative_from_the_output_matches_float64(name, params):
+    # plain layers take δ' from their output y = δ(x) (1 − y², y > 0, y/x for Swish, …)
+    from anact.analysis.monitors import _CHUNK, _out_dsq_sum, _out_shortcut_for
+
+    act = anact.get_activation(name, **params)
+    x = torch.randn(2 * _CHUNK + 1001, generator=torch.Generator().manual_seed(1)) * 3
+    x[:8] = torch.tensor([0.0, -3.0, 3.0, 1e-30, -1e-30, 25.0, -25.0, -0.0])
+    prime = _out_shortcut_for(act, have_x=True)
+    assert prime is not None
+    g = act.derivative(x.double())
+    for buf in (None, torch.empty(x.numel() + 5)):
+        got = _out_dsq_sum(x, act.fn(x), act, prime, buf).double()
+        torch.testing.assert_close(got, torch.dot(g, g), rtol=2e-5, atol=0)
+
+
+def test_output_derivative_needs_the_input_only_for_swish_and_checks_the_registry():
+    from anact.analysis.monitors import _out_shortcut_for
+
+    assert _out_shortcut_for(anact.get_activation("swish"), have_x=False) is None  # in place
+    assert _out_shortcut_for(anact.get_activation("tanh"), have_x=False) is not None
+    assert _out_shortcut_for(anact.get_activation("gelu"), have_x=True) is None  # no formula
+    impostor = anact.Activation("tanh", lambda x: torch.tanh(2 * x),
+                                lambda x: 2 / torch.cosh(2 * x) ** 2)
+    assert _out_shortcut_for(impostor, have_x=True) is None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_plain_layers_whose_derivative_comes_from_the_output(inplace):
+    torch.manual_seed(5)
+    acts = [nn.Tanh(), nn.Sigmoid(), nn.ELU(alpha=0.7, inplace=inplace), nn.SiLU(inplace=inplace),
+            nn.ReLU(inplace=inplace)]
+    layers = []
+    for a in acts:
+        layers += [nn.Linear(6, 6), a]
+    model = nn.Sequential(*layers)
+    cap = Capture(model)
+    mon = ConvergenceMonitor(model)
+    model(torch.randn(50, 6) * 2)
+    rec = mon.step()["layers"]
+    for name, act in mon.layers.items():
+        rho, rho_p = _expected_plain(cap.inputs[name], act)
+        np.testing.assert_allclose(rec[name]["rho"], rho, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(rec[name]["rho_prime"], rho_p, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["per-tensor", "per-channel"])
+def test_normalized_layers_report_the_same_numbers_on_the_fused_path(kind):
+    # the layer hands its batch moments to the monitor on every backend
+    torch.manual_seed(3)
+    act = anact.NSwish() if kind == "per-tensor" else anact.NSwish(5, channel_dim=1)
+    model = nn.Sequential(nn.Linear(4, 5), act, nn.Linear(5, 2))
+    x = torch.randn(64, 4) * 2
+    records = []
+    for name in ("eager", "fused"):
+        net = copy.deepcopy(model)
+        mon = ConvergenceMonitor(net)
+        with anact.kernels.backend(name):
+            net(x)
+        records.append(mon.step()["layers"]["1"])
+        mon.remove()
+    for key in ("rho", "rho_prime", "delta_rho", "delta_rho_prime", "in_var", "out_mean"):
+        np.testing.assert_allclose(records[1][key], records[0][key], rtol=1e-5, err_msg=key)

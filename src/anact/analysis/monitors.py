@@ -21,21 +21,29 @@ y = δ(x); a normalized activation y = c·(δ(x) − μ) with c its current scal
     Score = Σ_i (|ln ρ_i| + |ln ρ'_i|) / 2             (eq. 22)
 
 and, for diagnosis, ρ, ρ', λ of the bare δ (c = 1, eq. 13) and the input's and
-output's mean and variance. Moments are over all elements of the tensor
-(population variance), without gradient, from power sums Σx, Σx², Σy, Σy²,
-Σδ'² taken in float32 (relative error ~1e-6·(1 + mean²/var)) and combined in
-float64 after one synchronisation per step. δ(x) is not recomputed (Var[δ] is
-Var[y]/c²) and Σδ'² uses torch's fused backward kernels where they agree with
-the registry, so the cost is a few reductions and one δ' pass per layer (see
-benchmarks/bench_monitors.py). With a channel-wise scale (``channel_dim``) or a
-mask the slower exact path is taken: ρ' = mean over elements of c_k²·δ'(x)²,
-ρ = Var[y]/Var[x] over the whole tensor (or its unmasked elements).
+output's mean and variance, over all elements of the tensor (population variance),
+without gradient. The cost (benchmarks/bench_monitors.py):
+
+* a normalized activation hands the monitor the batch moments it computes anyway
+  (:meth:`anact.NormalizedActivation.register_moments_hook`): no pass over the data;
+* a plain activation costs power sums Σx, Σx², Σy, Σy² (float32 cascade sums and
+  dots over 2^17-element chunks, relative error ~1e-7) and one δ' pass, taken from
+  the output where that is cheaper than re-evaluating δ (ReLU: y > 0, tanh: 1 − y²,
+  ELU: y + α, Swish: y/x, …) and otherwise from torch's fused backward kernels;
+  ReLU's δ'² is an exact count;
+* everything stays on the device until :meth:`ConvergenceMonitor.step`, which
+  synchronises once and combines the sums in float64.
+
+With a channel-wise scale (``channel_dim``) or a mask, and where a normalized layer
+cannot report its moments (inside ``torch.compile``), the slower exact path is taken:
+ρ' = mean over elements of c_k²·δ'(x)², ρ = Var[y]/Var[x] over the whole tensor (or
+its unmasked elements).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -116,12 +124,16 @@ def weight_mean_abs_sum(model: nn.Module) -> float:
     return float(_weight_sum(w))
 
 
-def _weights(model: nn.Module) -> list[Tensor]:
+def _weight_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+
+
+def _weights(model: nn.Module, layers: list[nn.Module] | None = None) -> list[Tensor]:
+    """The weight tensors of the Linear and Conv ``layers`` (default: all of ``model``'s)."""
     return [
         m.weight
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
-        and isinstance(getattr(m, "weight", None), Tensor)
+        for m in (_weight_layers(model) if layers is None else layers)
+        if isinstance(getattr(m, "weight", None), Tensor)
         and not isinstance(m.weight, nn.parameter.UninitializedParameter)
     ]
 
@@ -132,7 +144,7 @@ def _weight_sum(weights: list[Tensor]) -> Tensor:
     return torch.stack([w.detach().float().mean().to(dev) for w in weights]).abs().sum()
 
 
-_CHUNK = 1 << 17  # CPU: elements per chunk, so that δ' stays in cache (512 KiB of float32)
+_CHUNK = 1 << 17  # CPU: elements per float32 dot (relative error stays ~1e-7)
 
 # A producer writes δ'(x) of a flat chunk x into ``out`` (a scratch buffer of x's size,
 # or None to allocate) and returns it. Fresh CPU tensors the size of an activation cost
@@ -210,48 +222,116 @@ def _shortcut_for(act: Activation) -> _Producer | None:
     return prime if ok else None
 
 
-def _power_sums(
-    xf: Tensor, yf: Tensor, act: Activation, prime: _Producer | None, buf: Tensor | None
-) -> Tensor:
-    """[Σx, Σx², Σy, Σy², Σδ'(x)²] of flat float32 tensors, shape (5,).
-
-    δ' is written into ``buf`` (a CPU scratch buffer; chunks of its size) and its
-    squares summed by torch's cascade ``sum``; ReLU's and LeakyReLU's δ'² are exact
-    counts. Σx², Σy² are float32 dots per chunk (relative error ~1e-6, which Var[x]
-    = E[x²] − E[x]² amplifies by E[x²]/Var[x]). Without ``buf`` (accelerators,
-    whose allocator caches) one pass.
-    """
-    n = xf.numel()
-    step = buf.numel() if buf is not None else max(n, 1)
-    parts = []
-    for i in range(0, max(n, 1), step):
-        xc, yc = xf[i : i + step], yf[i : i + step]
-        b = None if buf is None else buf[: xc.numel()]
-        if prime is _relu_prime or prime is _lrelu_prime:
-            # δ'² ∈ {1, a²}: count x > 0 from s = sign(x) as (Σs + Σs²)/2, exact in float32
-            sgn = torch.sign(xc, out=b)
-            pos = (sgn.sum() + torch.dot(sgn, sgn)) / 2
-            a2 = float(act.params["negative_slope"]) ** 2 if prime is _lrelu_prime else 0.0
-            sg = pos if not a2 else pos + a2 * (xc.numel() - pos)
-        else:
-            if prime is not None:
-                g = prime(xc, act, b).square_()  # our own memory: squared in place
-            else:
-                g = act.derivative(xc)  # may alias its input: never modified in place
-                g = g * g if b is None else torch.mul(g, g, out=b)
-            sg = g.sum()
-        # float32 dot: no memory written; ~1e-6 relative per 2^17-element chunk
-        sxx, syy = torch.dot(xc, xc), torch.dot(yc, yc)
-        parts.append(torch.stack([sxx, syy, sg]))
-    sq = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-    return torch.stack([xf.sum(), sq[0], yf.sum(), sq[1], sq[2]])
+def _sq_sum(t: Tensor) -> Tensor:
+    """Σt² of a flat float32 tensor by float32 dots (no memory written): on CPU over
+    chunks of :data:`_CHUNK` elements (relative error ~1e-7 each; one CPU dot over
+    millions of elements drifts to ~1e-4), in one call on accelerators (tree sums)."""
+    if t.device.type != "cpu" or t.numel() <= _CHUNK:
+        return torch.dot(t, t)
+    return torch.stack([torch.dot(c, c) for c in t.split(_CHUNK)]).sum()
 
 
 def _dsq_sum(
     xf: Tensor, act: Activation, prime: _Producer | None = None, buf: Tensor | None = None
 ) -> Tensor:
-    """Σδ'(x)² over a flat float32 tensor (see :func:`_power_sums`)."""
-    return _power_sums(xf, xf, act, prime, buf)[4]
+    """Σδ'(x)² over a flat float32 tensor.
+
+    δ' is written into ``buf`` (a reused CPU scratch buffer of at least x's size: no
+    fresh pages) and squared-summed by :func:`_sq_sum`; ReLU's and LeakyReLU's δ'² ∈
+    {1, a²} are exact counts of x > 0. Without ``buf`` (accelerators, whose allocator
+    caches) a fresh tensor.
+    """
+    b = None if buf is None else buf[: xf.numel()]
+    if prime is _relu_prime or prime is _lrelu_prime:
+        # count x > 0 from s = sign(x) as (Σs + Σs²)/2, exact in float32
+        sgn = torch.sign(xf, out=b)
+        pos = (sgn.sum() + _sq_sum(sgn)) / 2
+        a2 = float(act.params["negative_slope"]) ** 2 if prime is _lrelu_prime else 0.0
+        return pos if not a2 else pos + a2 * (xf.numel() - pos)
+    g = prime(xf, act, b) if prime is not None else act.derivative(xf)
+    return _sq_sum(g)
+
+
+# δ' of a plain layer from its output y = δ(x) (and x where needed), written into ``out``:
+# no second evaluation of tanh/exp where y gives it (1 − y², y + α for ELU, …).
+_OutProducer = Callable[[Tensor, Tensor, Activation, Tensor | None], Tensor]
+
+
+def _one(t: Tensor) -> Tensor:
+    return torch.ones((), dtype=t.dtype, device=t.device)
+
+
+def _relu_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
+    return torch.sign(y, out=out)  # y ≥ 0: 1[x > 0]; δ'² sums to an exact count
+
+
+def _lrelu_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
+    return _lrelu_prime(y, act, out)  # sign(y) = sign(x) for a positive slope
+
+
+def _tanh_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
+    return torch.addcmul(_one(y), y, y, value=-1, out=out)  # 1 − y²
+
+
+def _sigmoid_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
+    return torch.addcmul(y, y, y, value=-1, out=out)  # y(1 − y)
+
+
+def _elu_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
+    alpha, scale = (_SELU if act.name == "selu" else (float(act.params["alpha"]), 1.0))
+    grad = _one(y).expand_as(y)  # ELU/SELU: scale (y > 0), y + scale·α (y ≤ 0)
+    if out is not None:
+        return _A.elu_backward.grad_input(grad, alpha, scale, 1.0, True, y, grad_input=out)
+    return _A.elu_backward.default(grad, alpha, scale, 1.0, True, y)
+
+
+def _swish_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
+    # σ = y/x (0/0 at x = 0: σ(0) = 1/2), then δ' = σ + y(1 − σ) = lerp(y, 1, σ)
+    sig = torch.div(y, x, out=out).nan_to_num_(nan=0.5)
+    return torch.lerp(y, _one(y), sig, out=sig)
+
+
+# name -> (producer, needs x): used for plain layers after :func:`_out_shortcut_for`
+# has checked it against the registered derivative
+_OUT_SHORTCUTS: dict[str, tuple[_OutProducer, bool]] = {
+    "relu": (_relu_out, False),
+    "lrelu": (_lrelu_out, False),
+    "tanh": (_tanh_out, False),
+    "sigmoid": (_sigmoid_out, False),
+    "elu": (_elu_out, False),
+    "selu": (_elu_out, False),
+    "swish": (_swish_out, True),
+}
+
+
+def _out_shortcut_for(act: Activation, have_x: bool) -> _OutProducer | None:
+    """δ' of ``act`` from its output (and input if ``have_x``), if it agrees with the
+    registered derivative (as :func:`_shortcut_for`)."""
+    prime, needs_x = _OUT_SHORTCUTS.get(act.name, (None, False))
+    if prime is None or (needs_x and not have_x):
+        return None
+    probe = torch.cat([torch.linspace(-6, 6, 121), torch.tensor([0.0, -3.0, 3.0, 25.0, 1e-30])])
+    try:
+        y = act.fn(probe)
+        ok = all(
+            torch.allclose(prime(probe, y, act, out), act.derivative(probe), rtol=1e-5,
+                           atol=1e-6)
+            for out in (None, torch.empty_like(probe))
+        )  # fmt: skip
+    except (RuntimeError, KeyError, AttributeError, TypeError):
+        ok = False
+    return prime if ok else None
+
+
+def _out_dsq_sum(xf: Tensor, yf: Tensor, act: Activation, prime: _OutProducer,
+                 buf: Tensor | None) -> Tensor:  # fmt: skip
+    """Σδ'² of a plain layer from flat float32 input and output (δ' written into ``buf``)."""
+    b = None if buf is None else buf[: yf.numel()]
+    if prime is _relu_out:  # y ≥ 0: Σ sign(y) counts y > 0 exactly
+        return torch.sign(yf, out=b).sum()
+    if prime is _lrelu_out:  # exact counts of sign(y) = sign(x)
+        return _dsq_sum(yf, act, _lrelu_prime, buf)
+    return _sq_sum(prime(xf, yf, act, b))
 
 
 class _Layer:
@@ -274,14 +354,23 @@ class _Layer:
         # call index within one forward pass (a module reused at several depths) -> records
         self.pending: dict[int, list[_Record]] = {}
         self.prime = _shortcut_for(act)
+        # a plain layer's δ' from its output where cheaper (tanh: 1 − y², ReLU: y > 0, …);
+        # an in-place layer has only its output after the forward
+        self.out_prime = (
+            _out_shortcut_for(act, have_x=not self.inplace) if self.kind == "plain" else None
+        )
         self.calls = 0
-        self._pre_sums: _Record | None = None
+        self._pre_sums: list[Tensor] | None = None
+        # the batch moments a normalized layer computed in the forward pass in flight
+        self.moments: AF.BatchMoments | None = None
 
     def site(self, call: int) -> str:
         """The name of the layer's ``call``-th use in a forward pass: ``name``, ``name#1``, …"""
         return self.name if call == 0 else f"{self.name}#{call}"
 
-    def scale(self, x: Tensor, mask: Tensor | None = None) -> Tensor | float | None:
+    def scale(
+        self, x: Tensor | None, mask: Tensor | None, moments: AF.BatchMoments | None = None
+    ) -> Tensor | float | None:
         """The factor c of the layer's function c·(δ(x) − shift): shape () or (C,),
         a float for GPN, None for a plain activation (c = 1)."""
         m = self.module
@@ -292,11 +381,52 @@ class _Layer:
         if m.track_running_stats:
             c = m.scale()  # in training, the running values this forward just used
         else:
-
-            mom = AF.batch_moments(x, m.activation, channel_dim=m.channel_dim, mask=mask)
-            rho, rho_prime, _, _ = AF.moments_to_stats(mom)
+            rho, rho_prime, _, _ = self._batch_stats(x, mask, moments)
             c = AF.lambda_factor(rho, rho_prime, m.eps) + m.beta * torch.tanh(m.alpha)
         return c.detach().float()
+
+    def _batch_stats(
+        self, x: Tensor | None, mask: Tensor | None, moments: AF.BatchMoments | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ρ_M, ρ'_M, μ_M as an untracked forward uses them (unusable batch: 1, 1, 0)."""
+        m = self.module
+        if moments is None:
+            moments = AF.batch_moments(x, m.activation, channel_dim=m.channel_dim, mask=mask)
+        rho, rho_prime, mu, valid = AF.moments_to_stats(moments)
+        return (torch.where(valid, rho, torch.ones_like(rho)),
+                torch.where(valid, rho_prime, torch.ones_like(rho_prime)),
+                torch.where(valid, mu, torch.zeros_like(mu)), valid)  # fmt: skip
+
+    def from_moments(self, moments: AF.BatchMoments) -> _Record:
+        """The record of a forward pass from the moments the layer computed itself
+        (no pass over the data): its count, mean and variance of x and δ(x), E[δ'²],
+        with the scale c and shift of y = c·(δ − shift); () or (C,) each."""
+        m = self.module
+        c = self.scale(None, None, moments)
+        if not m.center:
+            shift = torch.zeros_like(moments.mean_y)
+        elif m.track_running_stats:
+            shift = m.running_mean  # the value this forward just used (eq. 16)
+        else:
+            shift = self._batch_stats(None, None, moments)[2]
+        dtype = moments.mean_x.dtype
+        vec = torch.stack([t.detach().to(dtype) for t in (*moments, c, shift)])
+        return _Record("moments", vec.reshape(-1), float(moments.count.numel()), None)
+
+    def x_sums(self, xf: Tensor, buf: Tensor | None) -> list[Tensor]:
+        """[Σx, Σx²] and, unless the output gives it, Σδ'(x)² of a flat float32 x."""
+        out = [xf.sum(), _sq_sum(xf)]
+        if self.out_prime is None:
+            out.append(_dsq_sum(xf, self.act, self.prime, buf))
+        return out
+
+    def y_sums(self, xf: Tensor, yf: Tensor, buf: Tensor | None) -> list[Tensor]:
+        """[Σy, Σy²] and, where the output gives it, Σδ'² of a flat float32 output
+        (``xf``: the input, overwritten by an in-place layer)."""
+        out = [yf.sum(), _sq_sum(yf)]
+        if self.out_prime is not None:
+            out.append(_out_dsq_sum(xf, yf, self.act, self.out_prime, buf))
+        return out
 
     def sums(
         self,
@@ -305,25 +435,29 @@ class _Layer:
         mask: Tensor | None,
         max_rows: int | None = None,
         scratch: Callable[[Tensor], Tensor | None] = lambda x: None,
+        pre: list[Tensor] | None = None,
     ) -> _Record:
         """The power sums of one forward pass (see :class:`_Record`), still on the device.
 
-        ``y`` is the layer's output, or None before the forward (in-place layers,
-        which are plain: their output is δ(x)). ``max_rows``: use only the first
-        rows of dimension 0. ``scratch(x)``: a chunk buffer for x's device, or None.
+        ``y`` is the layer's output. ``max_rows``: use only the first rows of
+        dimension 0. ``scratch(x)``: a chunk buffer for x's device, or None.
+        ``pre``: :meth:`x_sums` taken before an in-place forward overwrote x.
         """
         x = x.detach().float()
         c = self.scale(x, mask)  # from the whole batch, as the forward pass did
         if max_rows is not None and x.dim() and x.shape[0] > max_rows:
             x = x[:max_rows]
-            y = None if y is None else y[:max_rows]
+            y = y[:max_rows]
             if mask is not None and mask.dim() == x.dim() and mask.shape[0] > 1:
                 mask = mask[:max_rows]
-        y = (self.act.fn(x) if y is None else y).detach().float()
+        y = y.detach().float()
         if mask is None and (not isinstance(c, Tensor) or c.dim() == 0):
-            vec = _power_sums(x.reshape(-1), y.reshape(-1), self.act, self.prime, scratch(x))
-            return _Record(vec, float(x.numel()), c)
-        return _Record(self._masked_or_channel_sums(x, y, c, mask), 0.0, None)
+            buf = scratch(x)
+            xs = pre if pre is not None else self.x_sums(x.reshape(-1), buf)
+            ys = self.y_sums(x.reshape(-1), y.reshape(-1), buf)
+            vec = torch.stack([xs[0], xs[1], ys[0], ys[1], xs[2] if len(xs) > 2 else ys[2]])
+            return _Record("sums", vec, float(x.numel()), c)
+        return _Record("full", self._masked_or_channel_sums(x, y, c, mask), 0.0, None)
 
     def _masked_or_channel_sums(
         self, x: Tensor, y: Tensor, c: Tensor | float | None, mask: Tensor | None
@@ -368,16 +502,50 @@ class _Layer:
 # Σ(c·δ')²; Σ_passes n·Var[δ] (the bare δ's variance, within each forward pass)
 _FULL = ("n", "x", "xx", "y", "yy", "g", "cg", "vd")
 
+# a "moments" record: the layer's BatchMoments, then its scale c and shift, (C,) each
+_MOMENTS = ("count", "mean_x", "var_x", "mean_d", "var_d", "mean_dsq", "c", "shift")
+
 
 class _Record:
-    """One forward pass: ``vec`` = [Σx, Σx², Σy, Σy², Σδ'²] with count ``n`` and
-    scale ``c`` (() tensor, float or None) applied after the sync, or (n = 0) all of
-    :data:`_FULL`."""
+    """One forward pass of one layer, its values still on the device.
 
-    __slots__ = ("vec", "n", "c")
+    ``kind`` "sums": ``vec`` = [Σx, Σx², Σy, Σy², Σδ'²] of ``n`` elements, the scale
+    ``c`` (() tensor, float or None) applied after the sync; "moments": ``vec`` =
+    :data:`_MOMENTS` for ``n`` channels (the layer's own statistics); "full": ``vec``
+    = :data:`_FULL`.
+    """
 
-    def __init__(self, vec: Tensor, n: float, c: Tensor | float | None) -> None:
-        self.vec, self.n, self.c = vec, n, c
+    __slots__ = ("kind", "vec", "n", "c")
+
+    def __init__(self, kind: str, vec: Tensor, n: float, c: Tensor | float | None) -> None:
+        self.kind, self.vec, self.n, self.c = kind, vec, n, c
+
+
+def _from_moments(v: list[float], width: int) -> dict[str, float]:
+    """:data:`_FULL` of one pass from its moments ``v`` (:data:`_MOMENTS` × ``width``
+    channels, row-major), in float64."""
+    if width == 1:  # per tensor: plain floats (most layers; numpy's overhead dominates)
+        count, mx, vx, md, vd, dsq, c, shift = v
+        if count <= 0:
+            return dict.fromkeys(_FULL, 0.0)
+        my = c * (md - shift)  # mean of y = c·(δ − shift)
+        return {"n": count, "x": count * mx, "xx": count * (vx + mx * mx), "y": count * my,
+                "yy": count * (c * c * vd + my * my), "g": count * dsq,
+                "cg": count * c * c * dsq, "vd": count * vd}  # fmt: skip
+    count, mx, vx, md, vd, dsq, c, shift = np.asarray(v, dtype=np.float64).reshape(8, width)
+    real = count > 0  # an all-masked channel has NaN moments and no elements
+
+    def total(t: np.ndarray) -> float:
+        return float(np.sum(np.where(real, count * t, 0.0)))
+
+    n = float(np.sum(count))
+    my = c * (md - shift)  # mean of y = c·(δ − shift) per channel
+    mean_d = total(md) / n if n > 0 else 0.0
+    return {
+        "n": n, "x": total(mx), "xx": total(vx + mx * mx), "y": total(my),
+        "yy": total(c * c * vd + my * my), "g": total(dsq), "cg": total(c * c * dsq),
+        "vd": total(vd + (md - mean_d) ** 2),  # n·Var[δ] of the pass, pooled over channels
+    }  # fmt: skip
 
 
 def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
@@ -386,10 +554,12 @@ def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
     total = dict.fromkeys(_FULL, 0.0)
     for r in records:
         v = [next(values) for _ in range(r.vec.numel())]
-        if not r.n:
+        if r.kind == "full":
             s = dict(zip(_FULL, v, strict=True))
+        elif r.kind == "moments":
+            s = _from_moments(v, int(r.n))
         else:
-            c = next(values) if isinstance(r.c, Tensor) else r.c
+            c = next(values) if isinstance(r.c, Tensor) else r.c  # "sums"
             c2 = 1.0 if c is None else c * c
             n, (x, xx, y, yy, g) = r.n, v
             # y = c·(δ − shift) with one c: n·Var[δ] = n·Var[y]/c²
@@ -419,7 +589,8 @@ class ConvergenceMonitor:
             entries along dimension 0 of its input: a random sub-batch when batches
             are shuffled and dimension 0 is the batch (not for sequence-first
             layouts). Trades exactness for speed on large activations; the default
-            ``None`` uses every element.
+            ``None`` uses every element. Normalized layers that report their own
+            (whole-batch) moments cost nothing and ignore it.
 
     Hooks run under ``torch.no_grad`` on the detached layer input, in float32.
     The elements of several forward passes within one step (gradient
@@ -461,18 +632,22 @@ class ConvergenceMonitor:
             self._handles.append(
                 module.register_forward_hook(self._post_hook(layer), with_kwargs=True)
             )
+            if hasattr(module, "register_moments_hook"):
+                self._handles.append(module.register_moments_hook(self._moments_hook(layer)))
         if self._layers:
             self._handles.append(model.register_forward_pre_hook(self._new_forward))
         self.history: list[dict[str, Any]] = []
         self._sites: dict[str, Activation] = {}
+        self._weight_layers = _weight_layers(model)  # Figure 4's layers, found once
         self._buf: Tensor | None = None
 
     def _scratch(self, x: Tensor) -> Tensor | None:
-        """A reusable float32 chunk buffer on CPU (None elsewhere: one pass is faster)."""
+        """A reused float32 buffer of at least x's size on CPU, where fresh pages cost
+        more than the arithmetic (None elsewhere: the allocator caches)."""
         if x.device.type != "cpu":
             return None
-        if self._buf is None:
-            self._buf = torch.empty(_CHUNK, dtype=torch.float32)
+        if self._buf is None or self._buf.numel() < x.numel():
+            self._buf = torch.empty(x.numel(), dtype=torch.float32)
         return self._buf
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:
@@ -489,25 +664,35 @@ class ConvergenceMonitor:
             if not self._active(module) or not args:
                 return
             with torch.no_grad():
-                layer._pre_sums = layer.sums(
-                    args[0], None, _mask_of(layer, args, kwargs), self.max_rows, self._scratch
-                )
+                x = args[0].detach().float()
+                if self.max_rows is not None and x.dim() and x.shape[0] > self.max_rows:
+                    x = x[: self.max_rows]
+                layer._pre_sums = layer.x_sums(x.reshape(-1), self._scratch(x))
+
+        return hook
+
+    def _moments_hook(self, layer: _Layer):
+        def hook(module: nn.Module, moments: Any) -> None:
+            if self._active(module):
+                layer.moments = moments
 
         return hook
 
     def _post_hook(self, layer: _Layer):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            moments, layer.moments = layer.moments, None
+            pre, layer._pre_sums = layer._pre_sums, None
             if not self._active(module) or not args or not isinstance(output, Tensor):
                 return
-            if layer.inplace:
-                sums, layer._pre_sums = layer._pre_sums, None
-                if sums is None:
-                    return
-            else:
-                with torch.no_grad():
+            if layer.inplace and pre is None:
+                return
+            with torch.no_grad():
+                if moments is not None:  # the layer's own statistics of this very batch
+                    sums = layer.from_moments(moments)
+                else:
                     sums = layer.sums(
                         args[0], output, _mask_of(layer, args, kwargs), self.max_rows,
-                        self._scratch,
+                        self._scratch, pre,
                     )
             layer.pending.setdefault(layer.calls, []).append(sums)
             layer.calls += 1
@@ -540,11 +725,13 @@ class ConvergenceMonitor:
         for layer, call in sites:
             for r in layer.pending[call]:
                 tensors.append(r.vec)
-                if isinstance(r.c, Tensor):
+                if r.kind == "sums" and isinstance(r.c, Tensor):
                     tensors.append(r.c.reshape(1))
-        weights = _weights(self.model)
-        with torch.no_grad():
-            tensors.extend(w.detach().mean(dtype=torch.float32).reshape(1) for w in weights)
+        weights = _weights(self.model, self._weight_layers)
+        if weights:
+            with torch.no_grad():
+                dev = weights[0].device
+                tensors.append(torch.stack([w.mean(dtype=torch.float32).to(dev) for w in weights]))
         if len({t.device for t in tensors}) > 1:
             tensors = [t.cpu() for t in tensors]
         if len({t.dtype for t in tensors}) > 1:
@@ -559,6 +746,7 @@ class ConvergenceMonitor:
             self._sites.setdefault(name, layer.act)
             layers[name] = vals
             score += (abs(_log(vals["rho"])) + abs(_log(vals["rho_prime"]))) / 2  # eq. 22
+        _add_lambda(layers.values())
         for layer in fired:
             layer.pending.clear()
             layer.calls = 0
@@ -603,6 +791,7 @@ class ConvergenceMonitor:
             layer.pending.clear()
             layer.calls = 0
             layer._pre_sums = None
+            layer.moments = None
 
     def remove(self) -> None:
         """Detach every hook; the model runs exactly as without the monitor."""
@@ -632,10 +821,10 @@ def _log(v: float) -> float:
 
 
 def _stats(s: dict[str, float]) -> dict[str, float]:
-    """Layer statistics (LAYER_STATS and λ) from pooled power sums, in float64."""
+    """:data:`LAYER_STATS` from pooled power sums, in float64 (λ: :func:`_add_lambda`)."""
     n = s["n"]
     if n <= 0:
-        return {key: math.nan for key in (*LAYER_STATS, "lam")}
+        return dict.fromkeys(LAYER_STATS, math.nan)
     mx, my = s["x"] / n, s["y"] / n
     var_x = max(s["xx"] / n - mx * mx, 0.0)
     var_y = max(s["yy"] / n - my * my, 0.0)
@@ -649,10 +838,18 @@ def _stats(s: dict[str, float]) -> dict[str, float]:
         "out_mean": my,
         "out_var": var_y,
     }
-    rho, rho_prime = (torch.tensor(out[k], dtype=torch.float64)
-                      for k in ("delta_rho", "delta_rho_prime"))
-    out["lam"] = float(AF.lambda_factor(rho, rho_prime, eps=None))  # eq. 13, inf if dead
     return out
+
+
+def _add_lambda(layers: Iterable[dict[str, float]]) -> None:
+    """Add λ of the bare δ (eq. 13, inf for a dead layer) to each layer's statistics."""
+    layers = list(layers)
+    if not layers:
+        return
+    rho, rho_prime = (torch.tensor([s[k] for s in layers], dtype=torch.float64)
+                      for k in ("delta_rho", "delta_rho_prime"))
+    for s, lam in zip(layers, AF.lambda_factor(rho, rho_prime, eps=None).tolist(), strict=True):
+        s["lam"] = lam
 
 
 def _ratio(a: float, b: float) -> float:

@@ -8,6 +8,7 @@ global batch. :func:`convert_sync` mirrors ``nn.SyncBatchNorm.convert_sync_batch
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +73,7 @@ def _sync_copy(module: NormalizedActivation, process_group: Any) -> SyncNormaliz
     new._buffers = dict(module._buffers)
     new._modules = dict(module._modules)
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new._moments_hooks = OrderedDict(module.__dict__.get("_moments_hooks", {}))  # own hooks
     new.process_group = process_group
     return new
 
