@@ -315,20 +315,28 @@ class Ensemble:
             total += losses.detach() * idx.shape[1]
             sums.append(records.detach())
             counts.append(self.probe.counts)
-            with torch.no_grad():  # E[W_i] per member, after the step (as the monitor)
-                weight_means.append(torch.stack([
-                    (w := self.params[n]).detach().mean(dim=tuple(range(1, w.dim())),
-                                                        dtype=torch.float32)
-                    for n in self._weights
-                ], dim=1) if self._weights else total.new_zeros(self.size, 0))  # fmt: skip
+            weight_means.append(self._weight_means())  # after the step, as the monitor
         n = x.shape[0]
         wsum = torch.stack(weight_means).double().abs().sum(-1).mean(0)  # mean Σ_i|E[W_i]|
         if self.probe.layers:
-            score = _score(torch.stack(sums), torch.tensor(counts)).mean(0).tolist()
+            steps_sums = torch.stack(sums)
+            score = _score(steps_sums, torch.tensor(counts, device=steps_sums.device))
+            score = score.mean(0).tolist()
         else:  # no monitored layer: no Score (the runner stores NULL)
             score = [None] * self.size
         skipped = [a - b for a, b in zip(self._skipped(), skipped_before, strict=True)]
         return EpochResult([t / n for t in total.tolist()], score, wsum.tolist(), skipped)
+
+    @torch.no_grad()
+    def _weight_means(self) -> Tensor:
+        """E[W_i] of every Linear and Conv weight, shape (members, weights)."""
+        means = [
+            self.params[n].mean(dim=tuple(range(1, self.params[n].dim())), dtype=torch.float32)
+            for n in self._weights
+        ]
+        if not means:
+            return torch.zeros(self.size, 0)
+        return torch.stack(means, dim=1)
 
     def _skipped(self) -> list[int]:
         if not self._skip_counters:
