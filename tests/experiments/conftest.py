@@ -54,3 +54,47 @@ def write_dataset(
 def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with a tiny learnable MNIST-like data set (raw IDX files)."""
     return write_dataset(tmp_path_factory.mktemp("fake-mnist"))
+
+
+class Boom(Exception):
+    """A simulated crash inside a training run."""
+
+
+def crashing_in_epoch_2(study):
+    """``study`` whose runs raise :class:`Boom` when their second epoch starts (after
+    the first epoch's checkpoint), counted over all runs it builds."""
+    import dataclasses
+
+    epochs: list[int] = []
+
+    def build(config, activation, seed, data, device):
+        trial = study.build(config, activation, seed, data, device)
+        inner = trial.train_epoch
+
+        def train_epoch(gen, after_step):
+            epochs.append(1)
+            if len(epochs) == 2:
+                raise Boom("killed in epoch 2")
+            return inner(gen, after_step)
+
+        trial.train_epoch = train_epoch
+        return trial
+
+    return dataclasses.replace(study, build=build)
+
+
+def stored(out: Path, activation: str | None = None) -> dict:
+    """{(activation, seed): [(epoch, loss, acc, score, Σ|E W|), ...]} of the finished runs
+    in ``out/results.sqlite`` (of one activation, if given)."""
+    from anact.experiments.runner import RESULTS_FILE
+    from anact.experiments.store import Store
+
+    with Store(out / RESULTS_FILE) as st:
+        return {
+            (r["activation"], r["seed"]): [
+                (e["epoch"], e["train_loss"], e["val_acc"], e["score"], e["weight_mean_abs_sum"])
+                for e in st.epochs(r["id"])
+            ]
+            for r in st.runs(status="done")
+            if activation in (None, r["activation"])
+        }

@@ -28,7 +28,7 @@ import math
 
 import pytest
 import torch
-from conftest import write_dataset
+from conftest import Boom, crashing_in_epoch_2, stored, write_dataset
 
 from anact.analysis import ConvergenceMonitor
 from anact.experiments.cli import main
@@ -66,18 +66,6 @@ def build(cfg, data, activation, seed):
 
 def close(a, b):
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL)
-
-
-def stored(out):
-    """{(activation, seed): [(epoch, loss, acc, score, Σ|E W|), ...]} of finished runs."""
-    with Store(out / RESULTS_FILE) as st:
-        return {
-            (r["activation"], r["seed"]): [
-                (e["epoch"], e["train_loss"], e["val_acc"], e["score"], e["weight_mean_abs_sum"])
-                for e in st.epochs(r["id"])
-            ]
-            for r in st.runs(status="done")
-        }
 
 
 def assert_rows_close(got, want):
@@ -154,11 +142,7 @@ def test_reproduce_ensemble_stores_the_sequential_runs(tmp_path, small_data):
     assert not list((tmp_path / "ens" / "checkpoints").iterdir())
 
 
-class Boom(Exception):
-    pass
-
-
-def crashing_in_epoch_2(study, calls_per_epoch):
+def ensemble_crashing_in_epoch_2(study, calls_per_epoch):
     """``study`` whose ensemble raises when drawing the batches of epoch 2."""
     calls = []
 
@@ -178,7 +162,7 @@ def test_resume_after_interruption(tmp_path, small_data):
     for resume_as_ensemble in (True, False):
         out = tmp_path / f"x-{resume_as_ensemble}"
         with pytest.raises(Boom):
-            reproduce(crashing_in_epoch_2(TABLE1, len(SEEDS)), cfg, ["nrelu"], out_dir=out,
+            reproduce(ensemble_crashing_in_epoch_2(TABLE1, len(SEEDS)), cfg, ["nrelu"], out_dir=out,
                       quiet=True, ensemble=True)  # fmt: skip
         with Store(out / RESULTS_FILE) as st:
             runs = st.runs()
@@ -200,23 +184,9 @@ def test_members_at_different_epochs_and_done_runs(tmp_path, small_data):
     reproduce(TABLE1, cfg, ["relu"], out_dir=tmp_path / "ref", quiet=True)
 
     # seed 0 crashes sequentially in epoch 2 (checkpoint after epoch 1), seeds 1, 2 unstarted
-    def crashing_build(config, activation, seed, data, device):
-        trial = TABLE1.build(config, activation, seed, data, device)
-        inner, epochs = trial.train_epoch, []
-
-        def train_epoch(gen, after_step):
-            epochs.append(1)
-            if len(epochs) == 2:
-                raise Boom("killed in epoch 2")
-            return inner(gen, after_step)
-
-        trial.train_epoch = train_epoch
-        return trial
-
     out = tmp_path / "mixed"
     with pytest.raises(Boom):
-        reproduce(dataclasses.replace(TABLE1, build=crashing_build), cfg, ["relu"],
-                  out_dir=out, quiet=True)  # fmt: skip
+        reproduce(crashing_in_epoch_2(TABLE1), cfg, ["relu"], out_dir=out, quiet=True)
     reproduce(TABLE1, config(small_data, epochs=3, runs=1, seed=2), ["relu"], out_dir=out,
               quiet=True)  # seed 2 done before  # fmt: skip
     done_before = stored(out)[("relu", 2)]

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import Boom, crashing_in_epoch_2, stored
 from torch import nn
 
 import anact
@@ -25,19 +26,6 @@ def small_config(data_dir, **kw):
     )  # fmt: skip
     cfg.update(kw)
     return cfg
-
-
-def stored(out, activation=None):
-    """{(activation, seed): [(epoch, loss, acc, score, wsum), ...]} of finished runs."""
-    with Store(out / RESULTS_FILE) as st:
-        return {
-            (r["activation"], r["seed"]): [
-                (e["epoch"], e["train_loss"], e["val_acc"], e["score"], e["weight_mean_abs_sum"])
-                for e in st.epochs(r["id"])
-            ]
-            for r in st.runs(status="done")
-            if activation in (None, r["activation"])
-        }
 
 
 def test_lenet5_shape_and_size():
@@ -125,29 +113,11 @@ def test_deterministic_per_seed(tmp_path, fake_mnist):
     assert stored(tmp_path / "a") == stored(tmp_path / "b")
 
 
-class Boom(Exception):
-    pass
-
-
 def test_resume_after_crash_equals_uninterrupted(tmp_path, fake_mnist):
     cfg = small_config(fake_mnist, epochs=3, lr=0.02, momentum=0.9)  # optimizer state
     table1 = get_study("table1")
     reproduce(table1, cfg, ["nrelu"], out_dir=tmp_path / "ref", quiet=True)
-
-    def crashing_build(config, activation, seed, data, device):
-        trial = table1.build(config, activation, seed, data, device)
-        inner, count = trial.train_epoch, []
-
-        def train_epoch(gen, after_step):
-            count.append(1)
-            if len(count) == 2:
-                raise Boom("killed in epoch 2")
-            return inner(gen, after_step)
-
-        trial.train_epoch = train_epoch
-        return trial
-
-    crashing: Study = dataclasses.replace(table1, build=crashing_build)
+    crashing: Study = crashing_in_epoch_2(table1)
     with pytest.raises(Boom):
         reproduce(crashing, cfg, ["nrelu"], out_dir=tmp_path / "x", quiet=True)
     with Store(tmp_path / "x" / RESULTS_FILE) as st:
