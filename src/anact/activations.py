@@ -43,6 +43,12 @@ class Activation:
         params: the keyword parameters the function was built with (for ``repr``).
         module: optional factory of the plain ``torch.nn`` module computing δ,
             used by model conversion to recognise call sites.
+        sign_derivative: optional ``(p, q)``: δ'(x) = p where δ(x) > 0 and q where
+            δ(x) ≤ 0 (ReLU: (1, 0); LeakyReLU(a ≥ 0): (1, a)). Declares that δ' is
+            a function of δ's sign, so the normalized activation may save its
+            output instead of x for backward (``save="auto"``). Only valid when
+            δ' is the constant p wherever δ(x) > 0 and q wherever δ(x) ≤ 0; leave
+            it None (the default) otherwise, and x is saved.
     """
 
     name: str
@@ -51,6 +57,7 @@ class Activation:
     kinks: tuple[float, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     module: Callable[[], torch.nn.Module] | None = None
+    sign_derivative: tuple[float, float] | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
@@ -184,6 +191,7 @@ def _relu() -> Activation:
         derivative=_relu_derivative,
         kinks=(0.0,),
         module=torch.nn.ReLU,
+        sign_derivative=(1.0, 0.0),
     )
 
 
@@ -204,6 +212,8 @@ def _lrelu(negative_slope: float = 0.01) -> Activation:
         kinks=(0.0,),
         params={"negative_slope": s},
         module=lambda: torch.nn.LeakyReLU(s),
+        # a negative slope makes δ(x) > 0 for x < 0 too: δ' is then not a function of δ's sign
+        sign_derivative=(1.0, s) if s >= 0 else None,
     )
 
 

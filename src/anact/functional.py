@@ -35,6 +35,7 @@ __all__ = [
     "lambda_factor",
     "apply_normalization",
     "normalized_activation",
+    "SAVE_MODES",
 ]
 
 
@@ -288,38 +289,164 @@ def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> T
     return torch.sqrt((rho + rho_prime) / (2 * rho * rho_prime))
 
 
+SAVE_MODES = ("auto", "input", "output")
+
+
+def _saves_output(act: Activation, save: str) -> bool:
+    """Whether the op saves its output (True) or its input x (False) for backward."""
+    if save == "input":
+        return False
+    if save == "auto":
+        return act.sign_derivative is not None
+    if save == "output":
+        if act.sign_derivative is None:
+            raise ValueError(
+                f"save='output' needs an activation whose derivative is a function of its "
+                f"sign (Activation.sign_derivative), which {act!r} does not declare; "
+                "use save='input' or 'auto'"
+            )
+        return True
+    raise ValueError(f"save must be one of {', '.join(SAVE_MODES)}, got {save!r}")
+
+
+def _output_saving(act: Activation, save: str, x: Tensor, scale: Tensor) -> bool:
+    """:func:`_saves_output`, and a gradient will be recorded and this is no export trace.
+
+    Without a recorded gradient nothing is saved: the output is then exactly the
+    input-saving op's (no tie is moved), and inference graphs (ONNX, ``torch.export``,
+    tracing) keep the plain formula.
+    """
+    if not _saves_output(act, save):
+        return False
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting())
+
+
+def _tie_bounds(s: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t, lo, hi)`` for the output-saving op, from s, b already cast to x's dtype.
+
+    t = (0 − b)·s is the output wherever δ(x) = 0, computed as the forward does
+    (0 − b is exact, then one rounded product). Where δ(x) > 0 the output lies on
+    the far side of t (above for s > 0, below for s < 0) or rounds onto t; those
+    ties are moved to the neighbouring float: clamping such elements to
+    [lo, hi] (lo = next float above t when s > 0, hi = next float below t when
+    s < 0, otherwise unbounded) changes nothing else. With s = 0 nothing moves.
+    """
+    t = (-b) * s
+    inf = torch.full_like(t, float("inf"))
+    lo = torch.where(s > 0, torch.nextafter(t, inf), -inf)
+    hi = torch.where(s < 0, torch.nextafter(t, -inf), inf)
+    return t, lo, hi
+
+
+def _nudge_ties(out: Tensor, positive: Tensor, s: Tensor, b: Tensor, inplace: bool) -> Tensor:
+    """Where δ(x) > 0 but the output rounded onto t, move it one ulp away from t."""
+    _, lo, hi = _tie_bounds(s, b)
+    if inplace:
+        return torch.where(positive, out.clamp(lo, hi), out, out=out)
+    return torch.where(positive, out.clamp(lo, hi), out)
+
+
+def _scale_has_zero(scale: Tensor) -> bool:
+    """s == 0 somewhere, checked only where it costs no device synchronisation."""
+    if _is_compiling() or _kernels._transforms_active() or scale.device.type != "cpu":
+        return False
+    return bool((scale == 0).any())
+
+
+def _grads_from_output(
+    out: Tensor,
+    grad_out: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    act: Activation,
+    channel_dim: int | None,
+    need_x: bool,
+    need_scale: bool,
+    inplace: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The backward from the saved output ``out`` = s·(δ(x) − b) (ties nudged).
+
+    δ'(x) = p where δ(x) > 0, else q (``act.sign_derivative``); δ(x) > 0 exactly
+    where out lies beyond t = s·(0 − b) in the direction of sign(s). The α-gradient
+    partial sum Σ g·(δ(x) − b) is Σ g·out / s. Differentiable (double backward)
+    through out, g and s; the comparison carries no gradient (δ'' = 0).
+    """
+    s = _broadcast_shape(out, channel_dim, scale).to(out.dtype)
+    grad_x = grad_scale = None
+    if need_x:
+        p, q = act.sign_derivative
+        with torch.no_grad():
+            sd = s.detach()
+            t = (-_broadcast_shape(out, channel_dim, shift).to(out.dtype)) * sd
+            # sign(out − t)·sign(s) > 0 ⇔ δ(x) > 0; NaN stays NaN, s = 0 gives 0
+            d = torch.sub(out.detach(), t).sign_().mul_(torch.sign(sd)).relu_()
+            if (p, q) != (1.0, 0.0):
+                d.mul_(p - q).add_(q)
+        if inplace and _is_scratch(d, out, grad_out):
+            grad_x = d.mul_(grad_out).mul_(s)
+        else:
+            grad_x = grad_out * d * s
+    if need_scale:
+        dims = _reduce_dims(out, channel_dim if scale.dim() else None)
+        weighted = torch.mul(grad_out, out)
+        # divide by the s the forward multiplied with (rounded to out's dtype)
+        grad_scale = weighted.sum(dim=dims, dtype=scale.dtype) / scale.to(out.dtype).to(scale.dtype)
+    return grad_x, grad_scale
+
+
 class _NormalizedActivationFn(torch.autograd.Function):
-    """out = scale·(δ(x) − shift); saves only x (and the per-channel scale/shift).
+    """out = scale·(δ(x) − shift); saves x or the output (and the per-channel scale/shift).
 
     Backward (appendix eq. 36–37, 41–42): ∂L/∂x = scale·δ'(x)·g and
-    ∂L/∂scale = Σ g·(δ(x) − shift); shift carries no gradient.
+    ∂L/∂scale = Σ g·(δ(x) − shift); shift carries no gradient. With
+    ``save_output`` (activations with ``sign_derivative``) the output is saved
+    instead of x, as a plain ``F.relu`` does, and δ'(x), δ(x) − shift are
+    recovered from it (:func:`_grads_from_output`); the forward then moves the
+    rare outputs with δ(x) > 0 that rounded onto s·(0 − shift) by one ulp.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, scale, shift, activation, channel_dim):  # type: ignore[override]
+    def forward(x, scale, shift, activation, channel_dim, save_output=False):  # type: ignore[override]
         s = _broadcast_shape(x, channel_dim, scale).to(x.dtype)
         b = _broadcast_shape(x, channel_dim, shift).to(x.dtype)
         y = activation.fn(x)
-        if _is_scratch(y, x):  # a fresh buffer: finish in place, no extra allocation
-            return y.sub_(b).mul_(s)
-        return (y - b) * s
+        positive = y > 0 if save_output else None
+        scratch = _is_scratch(y, x)
+        # a fresh buffer: finish in place, no extra allocation
+        out = y.sub_(b).mul_(s) if scratch else (y - b) * s
+        if save_output:
+            out = _nudge_ties(out, positive, s, b, inplace=scratch)
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, scale, shift, activation, channel_dim = inputs
-        ctx.save_for_backward(x, scale, shift)
+        x, scale, shift, activation, channel_dim, *rest = inputs
+        save_output = bool(rest and rest[0])
+        # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
+        ctx.saved_output = save_output and not _scale_has_zero(scale)
+        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
         ctx.activation = activation
         ctx.channel_dim = channel_dim
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale, shift = ctx.saved_tensors
+        saved, scale, shift = ctx.saved_tensors
         act, cd = ctx.activation, ctx.channel_dim
-        s = _broadcast_shape(x, cd, scale).to(x.dtype)
         # in place on fresh buffers unless a graph of the backward is being built
         inplace = not torch.is_grad_enabled()
+        if ctx.saved_output:
+            grad_x, grad_scale = _grads_from_output(
+                saved, grad_out, scale, shift, act, cd, ctx.needs_input_grad[0],
+                ctx.needs_input_grad[1], inplace,
+            )  # fmt: skip
+            return grad_x, grad_scale, None, None, None, None
+        x = saved
+        s = _broadcast_shape(x, cd, scale).to(x.dtype)
         grad_x = grad_scale = None
         if ctx.needs_input_grad[0]:
             d = act.derivative(x)
@@ -336,7 +463,7 @@ class _NormalizedActivationFn(torch.autograd.Function):
                 weighted = (y - b) * grad_out
             dims = _reduce_dims(x, cd if scale.dim() else None)
             grad_scale = weighted.sum(dim=dims, dtype=scale.dtype)
-        return grad_x, grad_scale, None, None, None
+        return grad_x, grad_scale, None, None, None, None
 
 
 def apply_normalization(
@@ -345,14 +472,23 @@ def apply_normalization(
     scale: Tensor,
     shift: Tensor,
     channel_dim: int | None = None,
+    *,
+    save: str = "auto",
 ) -> Tensor:
-    """scale·(δ(x) − shift) with the memory-lean backward (saves x only).
+    """scale·(δ(x) − shift) with the memory-lean backward.
 
     ``scale`` and ``shift`` have shape () or (C,) (C along ``channel_dim``);
-    the gradient flows to x and to scale, never to shift.
+    the gradient flows to x and to scale, never to shift. ``save`` picks the one
+    full-size tensor kept for backward: ``"input"`` (x), ``"output"`` (the result,
+    as ``F.relu`` does; only for activations with ``sign_derivative``: ReLU,
+    LeakyReLU with slope ≥ 0), or ``"auto"`` (default: the output where allowed,
+    else x). Saving the output lets the next layer share the tensor (a plain ReLU
+    model's memory); the gradients are the same (docs/core.md, "Gradients and
+    memory").
     """
     act = resolve_activation(activation)
-    return _NormalizedActivationFn.apply(x, scale, shift, act, channel_dim)
+    save_output = _output_saving(act, save, x, scale)
+    return _NormalizedActivationFn.apply(x, scale, shift, act, channel_dim, save_output)
 
 
 def _warn_unusable_batch(stacklevel: int) -> None:
@@ -387,6 +523,7 @@ def normalized_activation(
     eps: float = 1e-5,
     mask: Tensor | None = None,
     reduce_moments: Callable[[BatchMoments], BatchMoments] | None = None,
+    save: str = "auto",
 ) -> Tensor:
     """The normalized activation function δ̂(x) = (λ + β·tanh α)(δ(x) − μ) (eq. 15).
 
@@ -403,17 +540,21 @@ def normalized_activation(
             but its outputs are still computed.
         reduce_moments: combines the batch moments across processes before
             they are used (distributed training); identity when None.
+        save: what backward keeps, ``"auto"`` | ``"input"`` | ``"output"``
+            (see :func:`apply_normalization`).
     """
     if not x.is_floating_point():
         raise TypeError(f"normalized activation needs a floating-point input, got {x.dtype}")
     _check_channel_dim(x, channel_dim)
     act = resolve_activation(activation)
+    _saves_output(act, save)  # raises on a bad value before any statistic is updated
     # a fast path (anact.kernels.set_backend) when one applies; the code below is the reference
     fast = _kernels.dispatch(
         x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked, alpha,
         training=training, momentum=momentum, bounds=bounds, beta=beta, center=center,
         channel_dim=channel_dim, eps=eps, mask=mask, reduce_moments=reduce_moments,
         on_invalid=lambda: _warn_unusable_batch(stacklevel=6),
+        save_output=lambda scale: _output_saving(act, save, x, scale),
     )  # fmt: skip
     if fast is not None:
         return fast
@@ -442,4 +583,5 @@ def normalized_activation(
     scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
     # a copy: the buffer may be updated again before this step's backward runs
     shift = mu.detach().clone() if center else torch.zeros_like(mu)
-    return apply_normalization(x, act, scale, shift, channel_dim)
+    save_output = _output_saving(act, save, x, scale)
+    return _NormalizedActivationFn.apply(x, scale, shift, act, channel_dim, save_output)

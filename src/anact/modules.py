@@ -66,6 +66,11 @@ class NormalizedActivation(nn.Module):
             the batch statistics are used in training and eval alike.
         activation_params: parameters of a registered activation, e.g.
             ``{"negative_slope": 0.1}`` for ``"lrelu"``.
+        save: the full-size tensor kept for backward: ``"auto"`` (default: the
+            output for ReLU and LeakyReLU with slope ≥ 0, as their plain modules
+            do, so the next layer shares it; x otherwise), ``"input"`` (always x)
+            or ``"output"`` (an error for other activations). Same gradients either
+            way; see docs/core.md, "Gradients and memory".
 
     Shape:
         input (any shape; ``channel_dim`` must hold C channels), optional bool
@@ -94,9 +99,12 @@ class NormalizedActivation(nn.Module):
         activation_params: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        save: str = "auto",
     ) -> None:
         super().__init__()
         self.activation = resolve_activation(activation, **(activation_params or {}))
+        AF._saves_output(self.activation, save)  # raises on a bad value
+        self.save = save
         if momentum is not None and not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
         if bounds is not None:
@@ -196,6 +204,7 @@ class NormalizedActivation(nn.Module):
             eps=self.eps,
             mask=mask,
             reduce_moments=self._observed(self._reduce_moments()),
+            save=self.__dict__.get("save", "auto"),  # absent in modules pickled before
         )
         if before is not None:
             self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
@@ -263,6 +272,9 @@ class NormalizedActivation(nn.Module):
         )
         if not self.track_running_stats:
             parts.append("track_running_stats=False")
+        save = self.__dict__.get("save", "auto")
+        if save != "auto":
+            parts.append(f"save={save!r}")
         return ", ".join(parts)
 
 

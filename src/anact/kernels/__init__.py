@@ -115,7 +115,8 @@ def _fn_key(f: Callable) -> Any:
 
 
 def _act_key(act: Activation) -> tuple:
-    return (act.name, tuple(sorted(act.params.items())), _fn_key(act.fn), _fn_key(act.derivative))
+    return (act.name, tuple(sorted(act.params.items())), _fn_key(act.fn), _fn_key(act.derivative),
+            act.sign_derivative)  # fmt: skip
 
 
 def _tensor_key(t: Tensor | None) -> tuple | None:
@@ -225,6 +226,15 @@ class _Runner:
                _tensor_key(shift))  # fmt: skip
         return self._call("output", key, f, x, scale, shift)
 
+    def output_nudged(self, x, s, b, lo, hi, act):
+        from anact.kernels import fused
+
+        def f(x, s, b, lo, hi):
+            return fused.output_nudged(x, s, b, lo, hi, act=act)
+
+        key = (_act_key(act), _tensor_key(x), _tensor_key(s), _tensor_key(b))
+        return self._call("output_nudged", key, f, x, s, b, lo, hi)
+
     def backward(self, x, grad_out, scale, shift, act, channel_dim, need_x, need_scale):
         from anact.kernels import fused
 
@@ -237,6 +247,21 @@ class _Runner:
         key = (_act_key(act), channel_dim, need_x, need_scale, _tensor_key(x),
                _tensor_key(grad_out), _tensor_key(scale), _tensor_key(shift))  # fmt: skip
         return self._call("backward", key, f, x, grad_out, scale, shift)
+
+    def backward_from_output(self, out, grad_out, scale, s, t, act, channel_dim, need_x,
+                             need_scale):  # fmt: skip
+        from anact.kernels import fused
+
+        def f(out, grad_out, scale, s, t):
+            return fused.backward_from_output(
+                out, grad_out, scale, s, t, act=act, channel_dim=channel_dim,
+                need_x=need_x, need_scale=need_scale,
+            )  # fmt: skip
+
+        key = (_act_key(act), channel_dim, need_x, need_scale, _tensor_key(out),
+               _tensor_key(grad_out), _tensor_key(scale), _tensor_key(s),
+               _tensor_key(t))  # fmt: skip
+        return self._call("backward_from_output", key, f, out, grad_out, scale, s, t)
 
 
 _RUNNERS = {"compiled": _Runner(True), "fused": _Runner(False)}
@@ -284,12 +309,14 @@ def dispatch(
     mask: Tensor | None,
     reduce_moments: Callable | None,
     on_invalid: Callable[[], None],
+    save_output: Callable[[Tensor], bool] | bool = False,
 ) -> Tensor | None:
     """The normalized activation through the selected fast path, or None for eager.
 
     Arguments as :func:`anact.functional.normalized_activation` (already
     checked); ``on_invalid`` is called when the batch cannot define the
-    statistics (it warns, as the reference does).
+    statistics (it warns, as the reference does); ``save_output``: whether backward
+    keeps the output instead of x, or a function of the scale that says so.
     """
     runner = _choose(x, channel_dim)
     if runner is None:
@@ -318,4 +345,6 @@ def dispatch(
     if (training or not has_running) and x.device.type == "cpu" and not bool(valid.all()):
         on_invalid()
     scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
-    return fused.FusedNormalizedActivationFn.apply(x, scale, shift, act, cd, runner)
+    if callable(save_output):
+        save_output = save_output(scale)
+    return fused.FusedNormalizedActivationFn.apply(x, scale, shift, act, cd, runner, save_output)

@@ -39,7 +39,15 @@ from torch import Tensor
 from anact import functional as AF
 from anact.activations import Activation
 
-__all__ = ["PrepareConfig", "prepare", "output", "backward_pass", "FusedNormalizedActivationFn"]
+__all__ = [
+    "PrepareConfig",
+    "prepare",
+    "output",
+    "backward_pass",
+    "output_nudged",
+    "backward_from_output",
+    "FusedNormalizedActivationFn",
+]
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,23 @@ def output(x: Tensor, scale: Tensor, shift: Tensor, *, act: Activation, channel_
     return (act.fn(x) - b) * s
 
 
+def output_nudged(x: Tensor, s: Tensor, b: Tensor, lo: Tensor, hi: Tensor, *, act: Activation):
+    """:func:`output` for the output-saving backward, ties moved off t = s·(0 − b).
+
+    ``s``, ``b`` come already broadcast and cast to x's dtype, and ``lo``, ``hi``
+    from :func:`anact.functional._tie_bounds`, all computed outside the kernel:
+    inductor keeps bf16/fp16 values in float32 inside a kernel and may skip a
+    float32 → bf16 → float32 round trip, which would make the output at δ(x) = 0
+    differ from the t the backward compares with. The outputs with δ(x) > 0 are
+    clamped to [lo, hi], which moves only those that round onto t; a clamp to a
+    representable bound rather than a comparison with t, because the comparison
+    would see the float32 value before its rounding to x's dtype.
+    """
+    y = act.fn(x)
+    out = (y - b) * s
+    return torch.where(y > 0, out.clamp(lo, hi), out)
+
+
 def backward_pass(
     x: Tensor,
     grad_out: Tensor,
@@ -203,28 +228,85 @@ def backward_pass(
     return grad_x, grad_scale
 
 
+def backward_from_output(
+    out: Tensor,
+    grad_out: Tensor,
+    scale: Tensor,
+    s: Tensor,
+    t: Tensor,
+    *,
+    act: Activation,
+    channel_dim: int | None,
+    need_x: bool,
+    need_scale: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`backward_pass` from the saved output (activations with ``sign_derivative``).
+
+    ``s`` (scale broadcast and cast to out's dtype) and ``t`` = s·(0 − shift) in
+    out's dtype are computed outside the kernel (see :func:`output_nudged`), so
+    that t is the value the forward stored where δ(x) = 0; δ(x) > 0 ⇔
+    sign(out − t)·sign(s) > 0. ∂L/∂s = Σ g·out / s. Same math as
+    :func:`anact.functional._grads_from_output`.
+    """
+    grad_x = grad_scale = None
+    if need_x:
+        p, q = act.sign_derivative
+        d = (torch.sign(out - t) * torch.sign(s)).clamp(min=0)
+        if (p, q) != (1.0, 0.0):
+            d = d * (p - q) + q
+        grad_x = grad_out * d * s
+    if need_scale:
+        dims = AF._reduce_dims(out, channel_dim if scale.dim() else None)
+        s_used = s.reshape(scale.shape).to(scale.dtype)  # the s the forward multiplied with
+        grad_scale = (grad_out * out).sum(dim=dims, dtype=scale.dtype) / s_used
+    return grad_x, grad_scale
+
+
 class FusedNormalizedActivationFn(torch.autograd.Function):
-    """out = scale·(δ(x) − shift) through the fused kernels; saves only x, scale, shift.
+    """out = scale·(δ(x) − shift) through the fused kernels; saves x or out, scale, shift.
 
     ``runner`` maps a kernel name and its arguments to the (compiled) function,
-    see :mod:`anact.kernels`. A double backward (``create_graph=True``) uses the
-    eager formulas, which are differentiable.
+    see :mod:`anact.kernels`. With ``save_output`` the output is saved instead
+    of x, as in :class:`anact.functional._NormalizedActivationFn`. A double
+    backward (``create_graph=True``) uses the eager formulas, which are
+    differentiable.
     """
 
     @staticmethod
-    def forward(x, scale, shift, act, channel_dim, runner):  # type: ignore[override]
-        return runner.output(x, scale, shift, act, channel_dim)
+    def forward(x, scale, shift, act, channel_dim, runner, save_output=False):  # type: ignore[override]
+        if not save_output:
+            return runner.output(x, scale, shift, act, channel_dim)
+        s = AF._broadcast_shape(x, channel_dim, scale).to(x.dtype)
+        b = AF._broadcast_shape(x, channel_dim, shift).to(x.dtype)
+        _, lo, hi = AF._tie_bounds(s, b)
+        return runner.output_nudged(x, s, b, lo, hi, act)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, scale, shift, act, channel_dim, runner = inputs
-        ctx.save_for_backward(x, scale, shift)
+        x, scale, shift, act, channel_dim, runner, *rest = inputs
+        ctx.saved_output = bool(rest and rest[0]) and not AF._scale_has_zero(scale)
+        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
         ctx.act, ctx.channel_dim, ctx.runner = act, channel_dim, runner
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale, shift = ctx.saved_tensors
+        saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.saved_output:
+            if torch.is_grad_enabled():
+                grad_x, grad_scale = AF._grads_from_output(
+                    saved, grad_out, scale, shift, ctx.act, ctx.channel_dim, need_x,
+                    need_scale, inplace=False,
+                )  # fmt: skip
+            else:
+                cd = ctx.channel_dim
+                s = AF._broadcast_shape(saved, cd, scale).to(saved.dtype)
+                t = (-AF._broadcast_shape(saved, cd, shift).to(saved.dtype)) * s
+                grad_x, grad_scale = ctx.runner.backward_from_output(
+                    saved, grad_out, scale, s, t, ctx.act, cd, need_x, need_scale
+                )
+            return grad_x, grad_scale, None, None, None, None, None
+        x = saved
         if torch.is_grad_enabled():
             # create_graph=True: the eager, differentiable formulas
             grad_x, grad_scale = backward_pass(
@@ -235,4 +317,4 @@ class FusedNormalizedActivationFn(torch.autograd.Function):
             grad_x, grad_scale = ctx.runner.backward(
                 x, grad_out, scale, shift, ctx.act, ctx.channel_dim, need_x, need_scale
             )
-        return grad_x, grad_scale, None, None, None, None
+        return grad_x, grad_scale, None, None, None, None, None
