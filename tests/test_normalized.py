@@ -456,3 +456,302 @@ def test_moments_hook_sees_each_training_batch_and_detaches():
     h2.remove()
     copy.deepcopy(m)(x)
     assert len(seen) == 1
+
+
+# --- save="output": ReLU-family layers keep their output for backward, as F.relu does -------
+
+
+def _ulp_apart(a, b):
+    """Elementwise: a == b, or a and b are neighbouring floats."""
+    up = torch.nextafter(b, torch.full_like(b, float("inf")))
+    down = torch.nextafter(b, torch.full_like(b, -float("inf")))
+    return (a == b) | (a == up) | (a == down)
+
+
+def _train_pair(make, x, mask=None, g=None, steps=2, autocast=False):
+    """Train steps of make(save="input") and make(save="output"): outputs and grads."""
+    results = []
+    for save in ("input", "output"):
+        torch.manual_seed(0)
+        module = make(save)
+        with torch.no_grad():
+            module.alpha.fill_(0.3)
+        got = []
+        for i in range(steps):
+            xi = (x * (1 + 0.3 * i)).detach().requires_grad_(True)
+            module.alpha.grad = None
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = module(xi.to(torch.bfloat16), mask=mask)
+            else:
+                out = module(xi, mask=mask)
+            out.backward(g if g is not None else torch.ones_like(out))
+            got.append((out.detach(), xi.grad, module.alpha.grad.clone()))
+        results.append(got)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,cd", [((7, 5), None), ((4, 3, 5, 5), None), ((4, 3, 5, 5), 1), ((3, 7, 6), -1)]
+)
+@pytest.mark.parametrize("name", ["relu", "lrelu"])
+@pytest.mark.parametrize("center", [True, False])
+def test_output_saving_matches_input_saving(name, shape, cd, dtype, center):
+    torch.manual_seed(11)
+    x = (torch.randn(shape, dtype=torch.float64) * 1.3 + 0.2).to(dtype)
+    x.view(-1)[:4] = 0.0  # exactly at the kink
+    x.view(-1)[4:8] = 1e-9  # tiny positive: rounds onto s·(0 − μ) in the output
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    c = None if cd is None else shape[cd]
+
+    def make(save):
+        return anact.NormalizedActivation(
+            name, c, channel_dim=cd, center=center, save=save,
+            activation_params={"negative_slope": 0.1} if name == "lrelu" else None,
+        ).to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+    ref, got = _train_pair(make, x, g=g)
+    for (o_in, gx_in, ga_in), (o_out, gx_out, ga_out) in zip(ref, got, strict=True):
+        # forward: equal, except ties moved by one ulp away from s·(0 − μ)
+        assert _ulp_apart(o_out, o_in).all()
+        # ∂L/∂x: the same function of the same values, so bit-identical
+        assert torch.equal(gx_out, gx_in)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+        torch.testing.assert_close(ga_out, ga_in, rtol=tol, atol=tol * (1 + ga_in.abs().max()))
+
+
+@pytest.mark.parametrize("cd", [None, 1, -1])
+def test_output_saving_with_mask_and_autocast(cd):
+    torch.manual_seed(12)
+    x = torch.randn(4, 6, 5)
+    mask = torch.rand(4, 6, 1) > 0.3
+    x = torch.where(mask, x, torch.full_like(x, float("nan")))  # padding may hold anything
+    g = torch.randn(4, 6, 5)
+    c = None if cd is None else x.shape[cd]
+
+    def make(save):
+        return anact.NReLU(c, channel_dim=cd, save=save)
+
+    ref, got = _train_pair(make, x, mask=mask, g=g)
+    for (o_in, gx_in, ga_in), (o_out, gx_out, ga_out) in zip(ref, got, strict=True):
+        real = mask.expand_as(x)
+        assert _ulp_apart(o_out[real], o_in[real]).all()
+        torch.testing.assert_close(gx_out, gx_in, equal_nan=True, rtol=0, atol=0)
+        # NaN padding propagates into ∂L/∂α either way
+        torch.testing.assert_close(ga_out, ga_in, equal_nan=True)
+    # bf16 autocast: the output-saving path equals the input-saving one up to bf16 rounding
+    ref, got = _train_pair(make, torch.randn(4, 6, 5), g=None, autocast=True)
+    for (o_in, gx_in, ga_in), (o_out, gx_out, ga_out) in zip(ref, got, strict=True):
+        assert o_out.dtype == torch.bfloat16 and _ulp_apart(o_out, o_in).all()
+        assert torch.equal(gx_out, gx_in)
+        torch.testing.assert_close(ga_out, ga_in, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", ["relu", "lrelu"])
+@pytest.mark.parametrize("cd", [None, 1, -1])
+@pytest.mark.parametrize("negative_scale", [False, True])
+def test_output_saving_gradcheck_and_gradgradcheck(name, cd, negative_scale):
+    torch.manual_seed(13)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    x = x + 0.05 * torch.sign(x)  # away from the kink at 0
+    x.requires_grad_(True)
+    c = None if cd is None else x.shape[cd]
+    shape = () if c is None else (c,)
+    scale = (torch.rand(shape, dtype=torch.float64) + 0.5) * (-1 if negative_scale else 1)
+    scale.requires_grad_(True)
+    shift = torch.rand(shape, dtype=torch.float64)
+    act = anact.get_activation(name, **({"negative_slope": 0.2} if name == "lrelu" else {}))
+
+    def f(x, s):
+        return AF.apply_normalization(x, act, s, shift, cd, save="output")
+
+    assert torch.autograd.gradcheck(f, (x, scale))
+    assert torch.autograd.gradgradcheck(f, (x, scale))
+    # and the same second derivatives as the input-saving op
+    def grads(save):
+        xx = x.detach().clone().requires_grad_(True)
+        ss = scale.detach().clone().requires_grad_(True)
+        out = AF.apply_normalization(xx, act, ss, shift, cd, save=save)
+        gx, gs = torch.autograd.grad(out.square().sum(), (xx, ss), create_graph=True)
+        return (gx, gs, *torch.autograd.grad((gx.sum() + gs.sum()), (xx, ss)))
+
+    for a, b in zip(grads("input"), grads("output"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_output_saving_tie_rules():
+    # x = 0 is δ(x) ≤ 0: ReLU subgradient 0, LeakyReLU slope a (as the input-saving op)
+    x = torch.tensor([0.0, -0.0, 1e-30, 1e-9, -1e-9, 2.0, -2.0], requires_grad=True)
+    b = torch.tensor(0.4)
+    for name, params, want in [
+        ("relu", {}, [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]),
+        ("lrelu", {"negative_slope": 0.25}, [0.25, 0.25, 1.0, 1.0, 0.25, 1.0, 0.25]),
+    ]:
+        act = anact.get_activation(name, **params)
+        for s in (1.3, -0.7):
+            scale = torch.tensor(s, requires_grad=True)
+            out = AF.apply_normalization(x, act, scale, b, save="output")
+            (gx,) = torch.autograd.grad(out.sum(), x)
+            torch.testing.assert_close(gx, s * torch.tensor(want), rtol=0, atol=0)
+            t = (-b) * s
+            # 1e-30 and 1e-9 round onto t; the forward moved them one ulp away from t,
+            # in the direction of sign(s): at most one ulp of forward change
+            away = torch.nextafter(t, torch.tensor(float("inf") if s > 0 else -float("inf")))
+            assert out[2] == away and out[3] == away
+            assert out[0] == t and out[1] == t
+            ref = AF.apply_normalization(x.detach(), act, scale.detach(), b, save="input")
+            assert _ulp_apart(out.detach(), ref).all()
+
+
+def test_output_saving_zero_scale_falls_back_to_input_on_cpu():
+    # s = 0: the output is 0 and holds no trace of δ(x) − μ; on CPU the op sees it and
+    # saves x, so ∂L/∂s stays exact (∂L/∂x is 0 either way)
+    x = torch.randn(6, 3, requires_grad=True)
+    shift = torch.tensor([0.1, 0.2, 0.3])
+    for cd, scale0 in [(None, torch.tensor(0.0)), (1, torch.tensor([1.2, 0.0, -0.8]))]:
+        sh = shift if cd is not None else shift[0]
+        grads = []
+        for save in ("input", "output"):
+            s = scale0.clone().requires_grad_(True)
+            out = AF.apply_normalization(x, "relu", s, sh, cd, save=save)
+            grads.append(torch.autograd.grad(out.sum(), (x, s)))
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # where the check is not made (accelerators, torch.compile, vmap), the documented
+    # result: ∂L/∂x = 0 and ∂L/∂s = NaN where s = 0
+    out = torch.zeros(6, 3)
+    gx, gs = AF._grads_from_output(out, torch.ones(6, 3), torch.tensor([1.0, 0.0, 1.0]),
+                                   shift, anact.get_activation("relu"), 1, True, True, False)
+    assert torch.equal(gx[:, 1], torch.zeros(6)) and gs[1].isnan() and not gs[0].isnan()
+
+
+def test_save_option_choices_and_errors():
+    assert anact.NReLU().save == "auto" and "save" not in repr(anact.NReLU())
+    assert "save='input'" in repr(anact.NReLU(save="input"))
+    with pytest.raises(ValueError, match="sign_derivative"):
+        anact.NSwish(save="output")
+    with pytest.raises(ValueError, match="save must be"):
+        anact.NReLU(save="x")
+    with pytest.raises(ValueError, match="sign_derivative"):
+        anact.NLReLU(negative_slope=-0.5, save="output")  # δ(x) > 0 for x < 0 too
+    assert anact.get_activation("relu").sign_derivative == (1.0, 0.0)
+    assert anact.get_activation("lrelu", negative_slope=0.2).sign_derivative == (1.0, 0.2)
+    assert anact.get_activation("swish").sign_derivative is None
+
+
+def _saved(fn):
+    """{storage address: bytes} of the distinct storages autograd saves in fn(), and fn()."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return seen, out
+
+
+@pytest.mark.parametrize(
+    "block,shape",
+    [("linear", (128, 32)), ("conv-maxpool", (16, 3, 16, 16)), ("linear-lrelu", (128, 32))],
+)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_block_saves_no_more_than_plain_relu(block, shape, per_channel):
+    torch.manual_seed(14)
+    x = torch.randn(shape, requires_grad=True)
+    width = 8 if block == "conv-maxpool" else 64
+    c, cd = (width, 1) if per_channel else (None, None)
+
+    def make(act):
+        if block == "conv-maxpool":
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), act,
+                                       torch.nn.MaxPool2d(2))
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), act, torch.nn.Linear(64, 16))
+
+    lrelu = block == "linear-lrelu"
+    plain = make(torch.nn.LeakyReLU(0.1) if lrelu else torch.nn.ReLU())
+    norm = make(anact.NLReLU(c, negative_slope=0.1, channel_dim=cd) if lrelu
+                else anact.NReLU(c, channel_dim=cd))
+    norm.load_state_dict(plain.state_dict(), strict=False)
+    plain_saved, _ = _saved(lambda: plain(x).sum())
+    norm_saved, loss = _saved(lambda: norm(x).sum())
+    # the same full-size storages, shared with the next layer; on top only a few scalar or
+    # (C,) tensors (scale, shift, tanh α)
+    small = 4 * (c or 1) + 64
+    big = sorted(v for v in norm_saved.values() if v > small)
+    plain_big = sorted(v for v in plain_saved.values() if v > small)
+    if lrelu:  # nn.LeakyReLU saves its input, unlike nn.ReLU: the normalized one saves less
+        assert len(big) < len(plain_big) and sum(big) < sum(plain_big)
+    else:
+        assert big == plain_big
+    extra = [v for v in norm_saved.values() if v <= small]
+    assert len(extra) <= 4 and sum(norm_saved.values()) <= sum(plain_saved.values()) + 4 * small
+    loss.backward()
+    # the input-saving op keeps the pre-activation as well: one more activation-sized storage
+    norm[1].save = "input"
+    in_saved, _ = _saved(lambda: norm(x).sum())
+    pre = norm[0](x)
+    assert sum(in_saved.values()) >= sum(norm_saved.values()) + pre.numel() * 4
+
+
+def test_output_saving_inplace_change_of_output_raises():
+    x = torch.randn(8, 5, requires_grad=True)
+    for module in (anact.NReLU(), torch.nn.ReLU()):
+        out = module(x)
+        out.add_(1)  # as after a plain ReLU, autograd detects it
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    out = anact.NSwish()(x)  # saves x: changing the output is fine
+    out.add_(1)
+    out.sum().backward()
+
+
+def test_user_activation_without_sign_derivative_saves_x():
+    base = anact.get_activation("relu")
+    mine = anact.Activation("my_relu", fn=base.fn, derivative=base.derivative, kinks=(0.0,))
+    x = torch.randn(16, 8, requires_grad=True)
+    seen = []
+
+    def pack(t):
+        seen.append(t)
+        return t
+
+    module = anact.NormalizedActivation(mine)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    assert any(t is x or t.data_ptr() == x.data_ptr() for t in seen)
+    module = anact.NormalizedActivation(mine.__class__(**{**mine.__dict__,
+                                                          "sign_derivative": (1.0, 0.0)}))
+    seen.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    assert any(t.data_ptr() == out.data_ptr() for t in seen)
+    assert not any(t.data_ptr() == x.data_ptr() for t in seen)
+
+
+def test_output_saving_under_vmap_and_grad():
+    torch.manual_seed(15)
+    x = torch.randn(3, 10, 4, dtype=torch.float64)
+    scale = torch.tensor([1.3, 0.9, -0.6], dtype=torch.float64)
+    shift = torch.tensor(0.2, dtype=torch.float64)
+
+    def loss(x, s, save):
+        return AF.apply_normalization(x, "relu", s, shift, save=save).square().sum()
+
+    for save in ("input", "output"):
+        grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, 0, None))
+        got = grads(x, scale, save)
+        if save == "input":
+            want = got
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_pickled_module_without_save_attribute_still_works():
+    m = anact.NReLU()
+    del m.__dict__["save"]
+    m(torch.randn(4, 3))
+    assert "save" not in repr(m)

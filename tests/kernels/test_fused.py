@@ -284,3 +284,128 @@ def test_compiled_cuda_matches_eager():
         return anact.NSwish(8, channel_dim=1, device="cuda")
 
     _assert_same(_run("eager", make, x, g=g), _run("compiled", make, x, g=g), torch.float32)
+
+
+# --- save="output" (ReLU family): the fused/compiled backward takes the output -------------
+
+
+def _grads_by_save(backend, name, x, g, cd, save, params=None):
+    torch.manual_seed(0)
+    c = None if cd is None else x.shape[cd]
+    module = anact.NormalizedActivation(name, c, channel_dim=cd, save=save,
+                                        activation_params=params)
+    with torch.no_grad():
+        module.alpha.fill_(0.3)
+    xi = x.clone().requires_grad_(True)
+    with K.backend(backend):
+        out = module(xi)
+        out.backward(g)
+    return out.detach(), xi.grad, module.alpha.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,cd", SHAPES)
+@pytest.mark.parametrize("name,params", [("relu", None), ("lrelu", {"negative_slope": 0.2})])
+def test_fused_output_saving_matches_input_saving(name, params, shape, cd, dtype):
+    torch.manual_seed(9)
+    x = (torch.randn(shape, dtype=torch.float64) * 0.5 + 0.1).to(dtype)
+    x.view(-1)[:3] = 0.0
+    x.view(-1)[3:6] = 1e-9  # ties: s·(x − μ) rounds onto s·(0 − μ)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    o_in, gx_in, ga_in = _grads_by_save("fused", name, x, g, cd, "input", params)
+    o_out, gx_out, ga_out = _grads_by_save("fused", name, x, g, cd, "output", params)
+    o_eager, gx_eager, ga_eager = _grads_by_save("eager", name, x, g, cd, "output", params)
+    assert torch.equal(gx_out, gx_in)
+    moved = o_out != o_in  # only ties, by one ulp
+    assert moved.sum() <= 6
+    # α and its gradient are float32 whatever x's dtype
+    rtol, atol = TOL[dtype if dtype == torch.bfloat16 else ga_in.dtype]
+    torch.testing.assert_close(ga_out, ga_in, rtol=rtol, atol=atol * (1 + float(ga_in.abs().max())))
+    # the eager reference (its statistics differ from the fused sums by rounding)
+    for a, b in ((o_out, o_eager), (gx_out, gx_eager), (ga_out, ga_eager)):
+        rtol, atol = TOL[dtype if dtype == torch.bfloat16 else a.dtype]
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * (1 + float(b.abs().max())))
+
+
+def test_fused_output_saving_double_backward_matches_eager():
+    torch.manual_seed(10)
+    x0 = torch.randn(5, 7, dtype=torch.float64)
+
+    def grads(backend, save):
+        module = anact.NReLU(dtype=torch.float64, save=save)
+        x = x0.clone().requires_grad_(True)
+        with K.backend(backend):
+            out = module(x)
+        gx, ga = torch.autograd.grad(out.square().sum(), (x, module.alpha), create_graph=True)
+        return gx.detach(), ga.detach(), *torch.autograd.grad(gx.sum() + ga, (x, module.alpha))
+
+    want = grads("eager", "input")
+    for backend in ("eager", "fused"):
+        for a, b in zip(want, grads(backend, "output"), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_saved_for_backward_is_the_output():
+    x = torch.randn(32, 16, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with K.backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = anact.NReLU()(x)
+    assert out.untyped_storage().data_ptr() in seen
+    assert x.untyped_storage().data_ptr() not in seen
+    assert sum(seen.values()) <= x.numel() * 4 + 64
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    "name,shape,cd,dtype",
+    [("relu", (8, 4, 6, 6), None, torch.float32), ("lrelu", (4, 5, 8), -1, torch.bfloat16)],
+    ids=["relu-tensor-f32", "lrelu-lastdim-bf16"],
+)
+def test_compiled_output_saving_matches_input_saving(name, shape, cd, dtype):
+    torch.manual_seed(11)
+    x = (torch.randn(shape) * 0.05).to(dtype)  # many ties in bf16
+    x.view(-1)[:3] = 0.0
+    g = torch.randn(shape).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", K.KernelWarning)  # compilation must not fail
+        o_in, gx_in, ga_in = _grads_by_save("compiled", name, x, g, cd, "input")
+        o_out, gx_out, ga_out = _grads_by_save("compiled", name, x, g, cd, "output")
+    # inductor keeps bf16 intermediates in float32 (and may multiply by the unrounded
+    # float32 scale on the input-saving path): equal up to one bf16 rounding, and every
+    # element on the right side of the kink (a wrong side is a factor 0.01 or 0)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(gx_out, gx_in, rtol=rtol, atol=0)
+    if dtype == torch.float32:
+        assert torch.equal(gx_out, gx_in)
+    torch.testing.assert_close(ga_out, ga_in, rtol=rtol, atol=atol * (1 + float(ga_in.abs().max())))
+    assert (o_out != o_in).sum() <= (x > 0).sum()
+    assert any(k[0] == "backward_from_output" for k in K._cache)
+
+
+@pytest.mark.compile
+def test_torch_compile_fullgraph_model_with_nrelu():
+    torch.manual_seed(12)
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                   anact.NReLU(4, channel_dim=1), torch.nn.MaxPool2d(2),
+                                   torch.nn.Flatten(), torch.nn.Linear(64, 8), anact.NLReLU(),
+                                   torch.nn.Linear(8, 2))
+
+    x = torch.randn(6, 3, 8, 8)
+    eager, compiled = make(), make()
+    compiled_fn = torch.compile(compiled, fullgraph=True)
+    for _ in range(2):
+        want = eager(x)
+        got = compiled_fn(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want.square().sum().backward()
+        got.square().sum().backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
