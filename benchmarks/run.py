@@ -13,8 +13,10 @@ descheduled by other processes excluded); with ``--threads`` > 1 it is wall time
 Memory:
 
 * kept for backward: bytes of the distinct storages that autograd saves
-  (``torch.autograd.graph.saved_tensors_hooks``), for one activation and for a
-  whole model's forward pass (the bulk of a training step's peak). A resident-set
+  (``torch.autograd.graph.saved_tensors_hooks``, keyed by storage address, so a
+  tensor that two layers save, e.g. a ReLU's output that the next conv also
+  saves, counts once), for one activation and for a whole model's forward pass
+  (the bulk of a training step's peak). A resident-set
   peak (VmHWM) was tried and dropped: glibc serves freed heap blocks again, so it
   varied by 2× between identical steps on this machine.
 
@@ -100,6 +102,11 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
 
 PLAIN = {"swish": nn.SiLU, "relu": nn.ReLU}
 NORMALIZED = {"swish": anact.NSwish, "relu": anact.NReLU}
+SAVE = "auto"  # NReLU's save= option (--save); "input" gives the layers before output saving
+
+
+def nrelu(*args, **kwargs) -> nn.Module:
+    return anact.NReLU(*args, save=SAVE, **kwargs)
 
 
 def _backend_module(module: nn.Module, backend: str) -> Callable[[Tensor], Tensor]:
@@ -116,7 +123,7 @@ def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) ->
     g = torch.randn(shape)
     plain = PLAIN[kind]()
     c = None if channel_dim is None else shape[channel_dim]
-    norm = NORMALIZED[kind](c, channel_dim=channel_dim)
+    norm = (nrelu if kind == "relu" else NORMALIZED[kind])(c, channel_dim=channel_dim)
     variants: dict[str, Callable[[Tensor], Tensor]] = {"plain": plain}
     for b in ("eager", "compiled"):
         variants[b] = _backend_module(norm, b)
@@ -209,7 +216,7 @@ def bench_fold(xb: Tensor, repeats: int) -> list[Row]:
                  "note": "missing: anact.fold not in this tree yet"}]
     torch.manual_seed(0)
     plain = LeNet5(nn.ReLU).eval()
-    norm = LeNet5(lambda: anact.NReLU(center=False))
+    norm = LeNet5(lambda: nrelu(center=False))
     with torch.no_grad():
         norm(xb)  # running statistics from one batch
     norm.eval()
@@ -266,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="act,lenet,resnet,fold",
                    help="comma-separated sections: act,lenet,resnet,fold")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--save", default="auto", choices=("auto", "input", "output"),
+                   help="NReLU's save= option (default auto: the output; input: as before)")
     a = p.parse_args(argv)
-    global _clock
+    global _clock, SAVE
+    SAVE = a.save
     torch.set_num_threads(a.threads)
     if a.threads > 1:
         _clock = time.perf_counter
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     xl, yl = torch.randn(lenet_batch, 1, 28, 28), torch.randint(0, 10, (lenet_batch,))
     if "lenet" in only:
-        for kind, plain, norm in (("ReLU", nn.ReLU, lambda: anact.NReLU(center=False)),
+        for kind, plain, norm in (("ReLU", nn.ReLU, lambda: nrelu(center=False)),
                                   ("Swish", nn.SiLU, lambda: anact.NSwish(center=False))):
             rows += bench_model(f"LeNet5 N{kind} vs {kind}, batch {lenet_batch}", LeNet5,
                                 plain, norm, xl, yl, reps * 3)
@@ -299,12 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     if "resnet" in only:
         xr, yr = torch.randn(resnet_batch, 3, 32, 32), torch.randint(0, 100, (resnet_batch,))
         rows += bench_model(f"CIFAR ResNet50 NReLU vs ReLU, batch {resnet_batch}", ResNet50,
-                            nn.ReLU, anact.NReLU, xr, yr, max(5, reps // 2))
+                            nn.ReLU, nrelu, xr, yr, max(5, reps // 2))
         print(f"# resnet done ({time.time() - t0:.0f}s)", file=sys.stderr)
     if "fold" in only:
         rows += bench_fold(xl, reps * 3)
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
-          f"{reps} rounds; {time.time() - t0:.0f}s -->")
+          f"{reps} rounds; NReLU save={SAVE}; {time.time() - t0:.0f}s -->")
     print(table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
