@@ -755,3 +755,31 @@ def test_pickled_module_without_save_attribute_still_works():
     del m.__dict__["save"]
     m(torch.randn(4, 3))
     assert "save" not in repr(m)
+
+
+@pytest.mark.parametrize("name", ["swish", "relu"])
+def test_stock_module_trains_under_vmap_like_separate_modules(name):
+    # an ensemble of K members: stacked parameters and buffers, one vmapped forward
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    mods = [anact.NormalizedActivation(name) for _ in range(3)]
+    params, buffers = stack_module_state(mods)
+    x = torch.randn(3, 16, 5) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1)
+    x[2] = 0.7  # a constant batch: unusable, skipped by that member only
+    base = anact.NormalizedActivation(name)
+
+    def loss(p, b, xi):
+        return functional_call(base, (p, b), (xi,)).square().sum()
+
+    grads = vmap(torch.func.grad(loss))(params, buffers, x)
+    refs = [anact.NormalizedActivation(name) for _ in range(3)]
+    for k, m in enumerate(refs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AF.StatisticsWarning)
+            m(x[k]).square().sum().backward()
+        torch.testing.assert_close(grads["alpha"][k], m.alpha.grad)
+        for key in ("running_rho", "running_rho_prime", "running_mean", "num_batches_tracked",
+                    "num_batches_skipped"):
+            torch.testing.assert_close(buffers[key][k], getattr(m, key), msg=key)
+    assert buffers["num_batches_skipped"].tolist() == [0, 0, 1]

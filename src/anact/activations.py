@@ -167,9 +167,16 @@ def _ones_like(x: Tensor) -> Tensor:
     return torch.ones_like(x)
 
 
+def _transforms_active() -> bool:
+    """Whether a functorch transform (vmap, grad, …) is running."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
 def _inplace_ok(x: Tensor) -> bool:
-    """Intermediates may be overwritten: no graph through the derivative is being built."""
-    return not (torch.is_grad_enabled() and x.requires_grad)
+    """Intermediates may be overwritten: no graph through the derivative is being built,
+    and no vmap (whose in-place ops fall back to one call per batch entry)."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and not _transforms_active()
 
 
 @register_activation("identity", aliases=("linear",))

@@ -88,8 +88,8 @@ def _numel(x: Tensor, dims: list[int]) -> int:
 
 def _is_scratch(t: Tensor, *others: Tensor) -> bool:
     """Whether t is a fresh, dense buffer of others[0]'s shape that may be overwritten."""
-    if _is_compiling():  # the compiler plans buffers itself
-        return False
+    if _is_compiling() or _kernels._transforms_active():
+        return False  # the compiler plans buffers itself; vmap cannot batch out= writes
     ref = others[0]
     try:
         return (
@@ -148,7 +148,16 @@ def batch_moments(
         xf = x.detach().to(_stat_dtype(x))
         y = act.fn(xf)
         d = act.derivative(xf)
-        if mask is None:
+        if mask is None and _kernels._transforms_active():
+            # under vmap/grad: the same two-pass sums without out= buffers
+            n = _numel(xf, dims)
+            mean_x, mean_y = xf.mean(dim=dims), y.mean(dim=dims)
+            mean_dsq = (d * d).sum(dim=dims) / n
+            cx = xf - _broadcast_shape(xf, channel_dim, mean_x)
+            cy = y - _broadcast_shape(xf, channel_dim, mean_y)
+            var_x, var_y = (cx * cx).sum(dim=dims) / n, (cy * cy).sum(dim=dims) / n
+            count = torch.full_like(mean_x, float(n))
+        elif mask is None:
             n = _numel(xf, dims)
             mean_x, mean_y = xf.mean(dim=dims), y.mean(dim=dims)
             # two-pass (centred) sums of squares, all in one scratch buffer: few passes,
@@ -570,8 +579,9 @@ def normalized_activation(
         if reduce_moments is not None:
             moments = reduce_moments(moments)
         rho, rho_prime, mu, valid = moments_to_stats(moments)
-        if not _is_compiling() and x.device.type == "cpu" and not bool(valid.all()):
-            _warn_unusable_batch(stacklevel=4)
+        if (not _is_compiling() and not _kernels._transforms_active()
+                and x.device.type == "cpu" and not bool(valid.all())):  # fmt: skip
+            _warn_unusable_batch(stacklevel=4)  # (no host check under vmap or compile)
         if has_running and training:
             update_running_stats(
                 running_rho, running_rho_prime, running_mean, num_batches_tracked,

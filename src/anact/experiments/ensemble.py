@@ -55,60 +55,6 @@ __all__ = ["Ensemble", "EpochResult", "train_ensemble"]
 _SUMS = ("x", "xx", "y", "yy", "dsq", "scale")
 
 
-class _VmapNormalizedActivation(NormalizedActivation):
-    """:meth:`NormalizedActivation.forward` in operations that ``vmap`` can batch.
-
-    The module's own training forward cannot run under vmap:
-    ``functional.batch_moments`` writes into ``out=`` buffers (no batching rule) and
-    ``functional.normalized_activation`` checks each batch on the host with
-    ``bool(valid.all())`` (data-dependent control flow). This forward computes the
-    same batch moments with plain operations (two-pass sums as ``batch_moments``)
-    and reuses the library's eq. 13, 15-18 (``moments_to_stats``,
-    ``update_running_stats``, ``lambda_factor``, ``apply_normalization``). Skipped
-    batches are counted in ``num_batches_skipped``; the ensemble warns about them
-    after each epoch instead of on the host per call.
-    """
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            raise NotImplementedError("ensemble training does not support masked inputs")
-        self._check_input(x)
-        if self.training:
-            rho, rho_prime, mu, valid = AF.moments_to_stats(self._batch_moments(x))
-            before = self.num_batches_tracked.clone()
-            AF.update_running_stats(
-                self.running_rho, self.running_rho_prime, self.running_mean,
-                self.num_batches_tracked, rho, rho_prime, mu, valid,
-                momentum=self.momentum, bounds=self.bounds,
-            )  # fmt: skip
-            self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
-        lam = AF.lambda_factor(self.running_rho.detach(), self.running_rho_prime.detach(), self.eps)
-        scale = lam.to(self.alpha.dtype) + self.beta * torch.tanh(self.alpha)  # eq. 15
-        shift = (
-            self.running_mean.detach().clone()
-            if self.center
-            else torch.zeros_like(self.running_mean)
-        )
-        return AF.apply_normalization(x, self.activation, scale, shift, self.channel_dim)
-
-    @torch.no_grad()
-    def _batch_moments(self, x: Tensor) -> AF.BatchMoments:
-        dims = list(range(x.dim()))
-        if self.channel_dim is not None:
-            dims.remove(self.channel_dim % x.dim())
-        keep = [1 if d in dims else -1 for d in range(x.dim())]
-        xf = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        y, d = self.activation.fn(xf), self.activation.derivative(xf)
-        n = _numel(xf, dims)
-        mean_x, mean_y = xf.mean(dim=dims), y.mean(dim=dims)
-        var_x = _sum_of_squares(xf - mean_x.reshape(keep), dims) / n
-        var_y = _sum_of_squares(y - mean_y.reshape(keep), dims) / n
-        mean_dsq = _sum_of_squares(d, dims) / n
-        return AF.BatchMoments(
-            torch.full_like(mean_x, float(n)), mean_x, var_x, mean_y, var_y, mean_dsq
-        )
-
-
 def _sum_of_squares(t: Tensor, dims: list[int] | None = None) -> Tensor:
     """Σ t² over ``dims`` (all if None) as ``square().sum()``, without the slower pow
     kernel. (``linalg.vector_norm`` saves the temporary but sums with ~1e-4 relative
@@ -116,16 +62,11 @@ def _sum_of_squares(t: Tensor, dims: list[int] | None = None) -> Tensor:
     return (t * t).sum(dim=dims)
 
 
-def _numel(x: Tensor, dims: list[int]) -> int:
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    return n
-
-
-def _vmap_safe(template: nn.Module) -> None:
-    """Give every NormalizedActivation of ``template`` (the ensemble's own copy) the
-    vmap-safe forward; refuse what it does not implement."""
+def _check_normalized_layers(template: nn.Module) -> None:
+    """Refuse normalized activations the vmapped step cannot train as a sequential run
+    would: without running statistics, or with moments synchronised across processes.
+    (The stock forward runs under vmap; it skips its host check of unusable batches
+    there, and the ensemble warns from ``num_batches_skipped`` after each epoch.)"""
     for name, m in template.named_modules():
         if not isinstance(m, NormalizedActivation):
             continue
@@ -137,7 +78,6 @@ def _vmap_safe(template: nn.Module) -> None:
                 "running statistics and local (not synchronised) moments; train this "
                 "study without --ensemble"
             )
-        m.__class__ = _VmapNormalizedActivation
 
 
 class _Probe:
@@ -265,7 +205,7 @@ class Ensemble:
         self._stack_optimizer_state(names)
         self._names = names
         self.template = copy.deepcopy(models[0]).to("meta")  # structure only
-        _vmap_safe(self.template)
+        _check_normalized_layers(self.template)
         self.probe = _Probe(self.template)
         self._weights = [  # Σ|E W| over every Linear and Conv weight (Figure 4)
             f"{n}.weight" for n, m in self.template.named_modules()

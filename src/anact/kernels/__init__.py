@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anact.activations import Activation
+from anact.activations import Activation, _transforms_active
 
 __all__ = [
     "BACKENDS",
@@ -271,9 +271,6 @@ def _is_compiling() -> bool:
     return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
 
 
-def _transforms_active() -> bool:
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
 
 
 def _choose(x: Tensor, channel_dim: int | None) -> _Runner | None:
