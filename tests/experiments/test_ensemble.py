@@ -28,7 +28,7 @@ import math
 
 import pytest
 import torch
-from conftest import Boom, crashing_in_epoch_2, stored, write_dataset
+from experiments_helpers import Boom, crashing_in_epoch_2, stored, write_dataset
 
 from anact.analysis import ConvergenceMonitor
 from anact.experiments.cli import main

@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
-from conftest import make_images, write_dataset, write_idx
+from experiments_helpers import make_images, write_dataset, write_idx
 
 from anact.experiments.data import DataError, find_idx_file, load_image_dataset, read_idx
 

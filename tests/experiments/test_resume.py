@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import write_dataset
+from experiments_helpers import write_dataset
 
 from anact.experiments.runner import reproduce
 from anact.experiments.studies import get_study

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import Boom, crashing_in_epoch_2, stored
+from experiments_helpers import Boom, crashing_in_epoch_2, stored
 from torch import nn
 
 import anact
