@@ -783,3 +783,21 @@ def test_stock_module_trains_under_vmap_like_separate_modules(name):
                     "num_batches_skipped"):
             torch.testing.assert_close(buffers[key][k], getattr(m, key), msg=key)
     assert buffers["num_batches_skipped"].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tie_search_finds_a_single_tie_anywhere_and_skips_clean_batches(dtype):
+    # the cheap pre-check must never miss a tie: one tiny positive x in the last chunk
+    n = 3 * AF._TIE_CHUNK + 17
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[x.abs() < 0.05] = 0.5  # clean: no pre-activation near the kink
+    s, b = torch.tensor(1.3, dtype=dtype), torch.tensor(0.4, dtype=dtype)
+    assert not AF._ties_possible(torch.relu(x), s, b)
+    x[-3] = torch.finfo(dtype).tiny  # 0 < δ ≪ ulp(b): δ − b rounds to −b
+    assert AF._ties_possible(torch.relu(x), s, b)
+    assert AF._ties_possible(torch.relu(x), torch.tensor(0.0, dtype=dtype), b)  # s = 0
+    xr = x.clone().requires_grad_(True)
+    out = AF.apply_normalization(xr, "relu", s, b, save="output")
+    (gx,) = torch.autograd.grad(out.sum(), xr)
+    assert gx[-3] == s and out[-3] != (-b) * s  # the tie was moved, its gradient is exact
+    torch.testing.assert_close(gx, torch.where(x > 0, s, torch.zeros_like(s)), rtol=0, atol=0)

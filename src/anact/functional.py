@@ -15,6 +15,7 @@ distributed training can reuse them:
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -350,6 +351,58 @@ def _tie_bounds(s: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return t, lo, hi
 
 
+_SAME_SIZE_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                  torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _ties_possible(y: Tensor, s: Tensor, b: Tensor) -> bool:
+    """False when no output with δ(x) > 0 can round onto t = s·(0 − b): then the tie
+    search (bool passes, slow on CPU) is skipped. ``y`` = δ(x) before the shift.
+
+    A tie needs 0 < δ(x) ≤ τ with τ = 8·(ulp(|b|) + ulp(0))·(1 + 1/|s|): for larger
+    δ, fl(δ − b) is at least 3 ulp(b) beyond −b and the product with s cannot round
+    back onto t (ulp(b·s) ≤ 2|s|·ulp(b)); with b = 0 only an underflow of δ·s to 0 can
+    tie. Checked exactly on the bit patterns (non-negative floats order like their
+    bits): is any 0 < |δ| ≤ τ? One integer pass and a min, on CPU outside compile and
+    vmap; elsewhere assume ties (the branch-free path runs)."""
+    int_dtype = _SAME_SIZE_INT.get(y.dtype)
+    if (int_dtype is None or y.device.type != "cpu" or _is_compiling()
+            or _kernels._transforms_active() or y.numel() == 0):  # fmt: skip
+        return True
+    with torch.no_grad():
+        inf = torch.tensor(float("inf"), dtype=y.dtype)
+        zero = torch.zeros((), dtype=y.dtype)
+        abs_b = b.detach().abs().to(y.dtype)
+        ulp = (torch.nextafter(abs_b, inf) - abs_b).double() + torch.nextafter(zero, inf).double()
+        tau = float((8 * ulp * (1 + 1 / s.detach().double().abs())).max())
+        if not tau < torch.finfo(y.dtype).max:  # s = 0, huge b: search
+            return True
+        tau_bits = torch.tensor(tau, dtype=y.dtype).view(int_dtype).item()
+        magnitude = torch.iinfo(int_dtype).max  # all bits but the sign
+        bits = y.reshape(-1).view(int_dtype)
+        buf = _int_scratch(int_dtype, min(bits.numel(), _TIE_CHUNK))
+        for chunk in bits.split(_TIE_CHUNK):
+            # |δ|'s bits − 1, with ±0 (→ −1) folded to the largest value: min < bits(τ) ⇔ tie
+            key = torch.bitwise_and(chunk, magnitude, out=buf[: chunk.numel()])
+            if key.sub_(1).bitwise_and_(magnitude).amin() < tau_bits:
+                return True
+        return False
+
+
+_TIE_CHUNK = 1 << 18  # elements per pass of the tie search (a reused 1-2 MiB buffer)
+_scratch = threading.local()  # per thread (nn.DataParallel runs replicas in threads)
+
+
+def _int_scratch(dtype: torch.dtype, numel: int) -> Tensor:
+    """A reused CPU integer buffer of at least ``numel`` elements: fresh pages per call
+    cost more than the search itself."""
+    bufs = _scratch.__dict__.setdefault("int", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
 def _nudge_ties(out: Tensor, positive: Tensor, s: Tensor, b: Tensor, inplace: bool) -> Tensor:
     """Where δ(x) > 0 but the output rounded onto t, move it one ulp away from t."""
     t, lo, hi = _tie_bounds(s, b)
@@ -430,11 +483,12 @@ class _NormalizedActivationFn(torch.autograd.Function):
         s = _broadcast_shape(x, channel_dim, scale).to(x.dtype)
         b = _broadcast_shape(x, channel_dim, shift).to(x.dtype)
         y = activation.fn(x)
-        positive = y > 0 if save_output else None
+        search = save_output and _ties_possible(y, s, b)
+        positive = y > 0 if search else None
         scratch = _is_scratch(y, x)
         # a fresh buffer: finish in place, no extra allocation
         out = y.sub_(b).mul_(s) if scratch else (y - b) * s
-        if save_output:
+        if search:
             out = _nudge_ties(out, positive, s, b, inplace=scratch)
         return out
 
