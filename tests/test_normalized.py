@@ -801,3 +801,30 @@ def test_tie_search_finds_a_single_tie_anywhere_and_skips_clean_batches(dtype):
     (gx,) = torch.autograd.grad(out.sum(), xr)
     assert gx[-3] == s and out[-3] != (-b) * s  # the tie was moved, its gradient is exact
     torch.testing.assert_close(gx, torch.where(x > 0, s, torch.zeros_like(s)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_moments_hook_sees_local_moments_before_a_reduction(backend):
+    # with synchronised statistics the hook gets this process's moments, then the
+    # reduction runs and the layer normalizes with the reduced ones
+    other = torch.randn(64) * 3 + 1  # "another rank's" batch
+
+    class Reduced(anact.NormalizedActivation):
+        def _reduce_moments(self):
+            def reduce(local):
+                both = AF.batch_moments(torch.cat([self.last_x, other]), self.activation)
+                return both
+
+            return reduce
+
+    m = Reduced("swish")
+    seen = []
+    m.register_moments_hook(lambda module, moments: seen.append(moments))
+    x = torch.randn(64)
+    m.last_x = x
+    with anact.kernels.backend(backend):
+        m(x)
+    torch.testing.assert_close(seen[0].var_x, AF.batch_moments(x, "swish").var_x)
+    rho, rho_prime, mu, _ = AF.moments_to_stats(
+        AF.batch_moments(torch.cat([x, other]), "swish"))
+    torch.testing.assert_close(m.running_rho, rho)  # first batch: running = reduced batch

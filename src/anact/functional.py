@@ -593,6 +593,7 @@ def normalized_activation(
     mask: Tensor | None = None,
     reduce_moments: Callable[[BatchMoments], BatchMoments] | None = None,
     save: str = "auto",
+    on_moments: Callable[[BatchMoments], None] | None = None,
 ) -> Tensor:
     """The normalized activation function δ̂(x) = (λ + β·tanh α)(δ(x) − μ) (eq. 15).
 
@@ -611,6 +612,8 @@ def normalized_activation(
             they are used (distributed training); identity when None.
         save: what backward keeps, ``"auto"`` | ``"input"`` | ``"output"``
             (see :func:`apply_normalization`).
+        on_moments: called with this process's batch moments (before
+            ``reduce_moments``) whenever they are computed; e.g. a training monitor.
     """
     if not x.is_floating_point():
         raise TypeError(f"normalized activation needs a floating-point input, got {x.dtype}")
@@ -623,13 +626,15 @@ def normalized_activation(
         training=training, momentum=momentum, bounds=bounds, beta=beta, center=center,
         channel_dim=channel_dim, eps=eps, mask=mask, reduce_moments=reduce_moments,
         on_invalid=lambda: _warn_unusable_batch(stacklevel=6),
-        save_output=lambda scale: _output_saving(act, save, x, scale),
+        save_output=lambda scale: _output_saving(act, save, x, scale), on_moments=on_moments,
     )  # fmt: skip
     if fast is not None:
         return fast
     has_running = running_rho is not None
     if training or not has_running:
         moments = batch_moments(x, act, channel_dim=channel_dim, mask=mask)
+        if on_moments is not None:
+            on_moments(moments)
         if reduce_moments is not None:
             moments = reduce_moments(moments)
         rho, rho_prime, mu, valid = moments_to_stats(moments)

@@ -203,7 +203,8 @@ class NormalizedActivation(nn.Module):
             channel_dim=self.channel_dim,
             eps=self.eps,
             mask=mask,
-            reduce_moments=self._observed(self._reduce_moments()),
+            reduce_moments=self._reduce_moments(),
+            on_moments=self._moments_observer(),
             save=self.__dict__.get("save", "auto"),  # absent in modules pickled before
         )
         if before is not None:
@@ -234,18 +235,17 @@ class NormalizedActivation(nn.Module):
         hooks[handle.id] = hook
         return handle
 
-    def _observed(self, reduce):
-        """``reduce`` preceded by the moments hooks (identity when there are none)."""
+    def _moments_observer(self) -> Callable[[AF.BatchMoments], None] | None:
+        """The moments hooks as one callback (None when there are none)."""
         hooks = self.__dict__.get("_moments_hooks")  # absent in modules pickled before
         if not hooks or AF._is_compiling():
-            return reduce
+            return None
 
-        def observe_then_reduce(moments: AF.BatchMoments) -> AF.BatchMoments:
+        def observe(moments: AF.BatchMoments) -> None:
             for hook in tuple(hooks.values()):
                 hook(self, moments)
-            return moments if reduce is None else reduce(moments)
 
-        return observe_then_reduce
+        return observe
 
     def scale(self) -> Tensor:
         """The current factor λ + β·tanh(α) from the running statistics (eq. 15)."""

@@ -307,6 +307,7 @@ def dispatch(
     reduce_moments: Callable | None,
     on_invalid: Callable[[], None],
     save_output: Callable[[Tensor], bool] | bool = False,
+    on_moments: Callable | None = None,
 ) -> Tensor | None:
     """The normalized activation through the selected fast path, or None for eager.
 
@@ -329,13 +330,21 @@ def dispatch(
         channel_dim=cd, training=training, has_running=has_running, has_mask=mask is not None,
         momentum=momentum, bounds=None if bounds is None else tuple(float(b) for b in bounds),
         center=center, eps=float(eps), reduce_moments=reduce_moments is not None,
+        observe=on_moments is not None and reduce_moments is None
+        and (training or not has_running),
     )  # fmt: skip
     xd = x.detach()
     with torch.no_grad():
         out = runner.prepare(xd, mask, running_rho, running_rho_prime, running_mean,
                              num_batches_tracked, act, cfg)  # fmt: skip
+        if cfg.observe:
+            on_moments(AF.BatchMoments(*out[3:]))
+            out = out[:3]
         if cfg.reduce_moments and (training or not has_running):
-            moments = reduce_moments(AF.BatchMoments(*out))
+            moments = AF.BatchMoments(*out)
+            if on_moments is not None:
+                on_moments(moments)  # this process's, before the reduction
+            moments = reduce_moments(moments)
             out = runner.finish(moments, running_rho, running_rho_prime, running_mean,
                                 num_batches_tracked, cfg)  # fmt: skip
     lam, shift, valid = out

@@ -63,6 +63,7 @@ class PrepareConfig:
     center: bool
     eps: float
     reduce_moments: bool  # when True, _prepare stops after the moments
+    observe: bool = False  # when True, _prepare also returns the moments (for a monitor)
 
 
 def _gelu_joint(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,7 +136,8 @@ def prepare(
     """Forward pass 1: the batch moments, the running update and λ, μ (no gradient).
 
     Returns ``(lam, shift, valid)``, or the six moments when
-    ``cfg.reduce_moments`` (the caller reduces them and calls :func:`finish`).
+    ``cfg.reduce_moments`` (the caller reduces them and calls :func:`finish`), or
+    ``(lam, shift, valid, *moments)`` when ``cfg.observe``.
     """
     if cfg.training or not cfg.has_running:
         if cfg.has_mask:
@@ -144,8 +146,9 @@ def prepare(
             moments = fused_moments(x, act, cfg.channel_dim)
         if cfg.reduce_moments:
             return tuple(moments)
-        return finish(moments, running_rho, running_rho_prime, running_mean,
-                      num_batches_tracked, cfg=cfg)
+        out = finish(moments, running_rho, running_rho_prime, running_mean,
+                     num_batches_tracked, cfg=cfg)
+        return (*out, *moments) if cfg.observe else out
     return finish(None, running_rho, running_rho_prime, running_mean, num_batches_tracked,
                   cfg=cfg)
 
