@@ -2,6 +2,8 @@
 
     python benchmarks/run.py            # full shapes (minutes, plus one-off compilation)
     python benchmarks/run.py --quick    # smaller shapes and fewer repeats
+    python benchmarks/run.py --only monitor,ensemble   # sections: act, lenet, resnet, fold,
+                                                       # monitor, ensemble
 
 Every figure is a ratio to the plain counterpart measured in the same process,
 interleaved round by round (the order rotates each round), and reported as the
@@ -234,6 +236,69 @@ def bench_fold(xb: Tensor, repeats: int) -> list[Row]:
 # ---------------------------------------------------------------------------
 
 
+def bench_ensemble(acts: list[str], k: int, steps: int, repeats: int) -> list[Row]:
+    """K table1 runs as one vmapped ensemble against K sequential runs (benchmarks/
+    bench_ensemble.py's measurement): ensemble time / sequential time, < 1 is faster."""
+    from bench_ensemble import measure
+
+    from anact.experiments.data.idx import ImageData
+    from anact.experiments.studies import get_study
+
+    study = get_study("table1")
+    config = study.config({"lr": 0.01})
+    n = steps * int(config["batch_size"])
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("random", torch.randn(n, 1, 28, 28, generator=g),
+                     torch.randint(0, 10, (n,), generator=g), torch.randn(16, 1, 28, 28),
+                     torch.randint(0, 10, (16,)), 10)  # fmt: skip
+    rows = []
+    for act in acts:
+        seq, ens = measure(study, config, data, act, k, repeats)
+        pick = 0 if _clock is time.perf_counter else 1  # wall or thread CPU time
+        rows.append({
+            "what": f"table1 {act}: {k} runs as one ensemble vs one after another, batch "
+                    f"{config['batch_size']}", "backend": "eager",
+            "step": statistics.median(e[pick] / q[pick] for q, e in zip(seq, ens, strict=True)),
+            "plain step ms": 1e3 * statistics.median(q[pick] for q in seq) / (k * steps),
+            "note": "ensemble time / sequential time",
+        })  # fmt: skip
+    return rows
+
+
+def bench_monitor(acts: list[str], batch: int, steps: int, repeats: int) -> list[Row]:
+    """table1's training step with a ConvergenceMonitor against without one."""
+    from anact.analysis import ConvergenceMonitor
+    from anact.experiments.data.idx import ImageData
+    from anact.experiments.studies import get_study
+
+    study = get_study("table1")
+    config = study.config({"batch_size": batch})
+    n = batch * steps
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("random", torch.randn(n, 1, 28, 28, generator=g),
+                     torch.randint(0, 10, (n,), generator=g), torch.randn(8, 1, 28, 28),
+                     torch.randint(0, 10, (8,)), 10)  # fmt: skip
+    rows = []
+    for act in acts:
+        trials = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            trials.append(study.build(dict(config), act, 0, data, torch.device("cpu")))
+        mon = ConvergenceMonitor(trials[1].model)
+
+        def epoch(trial, after_step):
+            return lambda: trial.train_epoch(torch.Generator().manual_seed(1), after_step)
+
+        res = interleaved({"plain": epoch(trials[0], lambda: None),
+                           "monitored": epoch(trials[1], mon.step)}, "plain", repeats)
+        mon.remove()
+        rows.append({"what": f"table1 {act} training step with ConvergenceMonitor, batch {batch}",
+                     "backend": K.get_backend(), "step": res["monitored"][1],
+                     "plain step ms": 1e3 * res["plain"][0] / steps,
+                     "note": "monitored / unmonitored"})  # fmt: skip
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -270,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per figure")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1; >1 switches to wall time)")
-    p.add_argument("--only", default="act,lenet,resnet,fold",
-                   help="comma-separated sections: act,lenet,resnet,fold")
+    p.add_argument("--only", default="act,lenet,resnet,fold,monitor,ensemble",
+                   help="comma-separated sections: act,lenet,resnet,fold,monitor,ensemble")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--save", default="auto", choices=("auto", "input", "output"),
                    help="NReLU's save= option (default auto: the output; input: as before)")
@@ -313,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# resnet done ({time.time() - t0:.0f}s)", file=sys.stderr)
     if "fold" in only:
         rows += bench_fold(xl, reps * 3)
+    if "monitor" in only:
+        rows += bench_monitor(["relu", "swish", "nrelu", "nswish"], 64, 5, reps * 2)
+        print(f"# monitor done ({time.time() - t0:.0f}s)", file=sys.stderr)
+    if "ensemble" in only:
+        rows += bench_ensemble(["relu", "nrelu"], 3 if a.quick else 9, 4, 3 if a.quick else 5)
+        print(f"# ensemble done ({time.time() - t0:.0f}s)", file=sys.stderr)
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
           f"{reps} rounds; NReLU save={SAVE}; {time.time() - t0:.0f}s -->")
     print(table(rows))
