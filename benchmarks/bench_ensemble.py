@@ -25,9 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from models import random_image_data
 
 from anact.analysis import ConvergenceMonitor
-from anact.experiments.data.idx import ImageData
 from anact.experiments.ensemble import Ensemble
 from anact.experiments.studies import get_study
 
@@ -51,12 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     study = get_study("table1")
     config = study.config({"batch_size": args.batch, "lr": 0.01})
-    n = args.steps * args.batch
-    g = torch.Generator().manual_seed(0)
-    data = ImageData(
-        "random", torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g),
-        torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g), 10,
-    )  # fmt: skip
+    data = random_image_data(args.steps * args.batch)
 
     print(f"LeNet5, batch {args.batch}, {args.steps} steps per run, torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread(s); ratio = sequential / "
@@ -78,7 +73,7 @@ def main() -> None:
 
 
 def measure(
-    study: Any, config: dict, data: ImageData, act: str, k: int, repeats: int
+    study: Any, config: dict, data: Any, act: str, k: int, repeats: int
 ) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(wall, CPU) seconds of one epoch of K sequential runs and of the K-ensemble,
     per repeat, timed in alternating order."""

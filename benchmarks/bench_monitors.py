@@ -101,16 +101,13 @@ def main() -> None:
 
 def study_step(args: argparse.Namespace) -> None:
     """Time table1's training step with and without the monitor (see the docstring)."""
-    from anact.experiments.data.idx import ImageData
+    from models import random_image_data
+
     from anact.experiments.studies import get_study
 
     study = get_study("table1")
     config = study.config({"batch_size": args.batch})
-    n = args.batch * args.steps
-    gen = torch.Generator().manual_seed(0)
-    data = ImageData("random", torch.randn(n, 1, 28, 28, generator=gen),
-                     torch.randint(0, 10, (n,), generator=gen), torch.randn(8, 1, 28, 28),
-                     torch.randint(0, 10, (8,)), 10)  # fmt: skip
+    data = random_image_data(args.batch * args.steps)
     device = torch.device("cpu")
     trials = []
     for _ in range(2):

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - fallback with the same layout
             return self.classifier(self.features(x))
 
 
-__all__ = ["LeNet5", "ResNet50"]
+__all__ = ["LeNet5", "ResNet50", "random_image_data"]
 
 
 class _Bottleneck(nn.Module):
@@ -82,3 +82,18 @@ class ResNet50(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def random_image_data(n_train: int, n_val: int = 16):
+    """Random 28×28 images and labels as the table1 study's data (speed does not depend
+    on the pixels): ``anact.experiments.data.idx.ImageData``."""
+    import torch
+
+    from anact.experiments.data.idx import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    return ImageData(
+        "random", torch.randn(n_train, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (n_train,), generator=g), torch.randn(n_val, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (n_val,), generator=g), 10,
+    )  # fmt: skip

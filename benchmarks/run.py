@@ -240,17 +240,13 @@ def bench_ensemble(acts: list[str], k: int, steps: int, repeats: int) -> list[Ro
     """K table1 runs as one vmapped ensemble against K sequential runs (benchmarks/
     bench_ensemble.py's measurement): ensemble time / sequential time, < 1 is faster."""
     from bench_ensemble import measure
+    from models import random_image_data
 
-    from anact.experiments.data.idx import ImageData
     from anact.experiments.studies import get_study
 
     study = get_study("table1")
     config = study.config({"lr": 0.01})
-    n = steps * int(config["batch_size"])
-    g = torch.Generator().manual_seed(0)
-    data = ImageData("random", torch.randn(n, 1, 28, 28, generator=g),
-                     torch.randint(0, 10, (n,), generator=g), torch.randn(16, 1, 28, 28),
-                     torch.randint(0, 10, (16,)), 10)  # fmt: skip
+    data = random_image_data(steps * int(config["batch_size"]))
     rows = []
     for act in acts:
         seq, ens = measure(study, config, data, act, k, repeats)
@@ -267,17 +263,14 @@ def bench_ensemble(acts: list[str], k: int, steps: int, repeats: int) -> list[Ro
 
 def bench_monitor(acts: list[str], batch: int, steps: int, repeats: int) -> list[Row]:
     """table1's training step with a ConvergenceMonitor against without one."""
+    from models import random_image_data
+
     from anact.analysis import ConvergenceMonitor
-    from anact.experiments.data.idx import ImageData
     from anact.experiments.studies import get_study
 
     study = get_study("table1")
     config = study.config({"batch_size": batch})
-    n = batch * steps
-    g = torch.Generator().manual_seed(0)
-    data = ImageData("random", torch.randn(n, 1, 28, 28, generator=g),
-                     torch.randint(0, 10, (n,), generator=g), torch.randn(8, 1, 28, 28),
-                     torch.randint(0, 10, (8,)), 10)  # fmt: skip
+    data = random_image_data(batch * steps)
     rows = []
     for act in acts:
         trials = []
