@@ -205,8 +205,8 @@ def test_double_backward_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-def test_saved_for_backward_is_x_only():
-    x = torch.randn(32, 16, requires_grad=True)
+def _saved_storages(fn):
+    """{storage address: bytes} of what autograd saves while running fn(), and its result."""
     seen = {}
 
     def pack(t):
@@ -214,7 +214,13 @@ def test_saved_for_backward_is_x_only():
         return t
 
     with K.backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        anact.NSwish()(x)
+        out = fn()
+    return seen, out
+
+
+def test_saved_for_backward_is_x_only():
+    x = torch.randn(32, 16, requires_grad=True)
+    seen, _ = _saved_storages(lambda: anact.NSwish()(x))
     assert x.untyped_storage().data_ptr() in seen
     assert sum(seen.values()) <= x.numel() * 4 + 64
 
@@ -347,14 +353,7 @@ def test_fused_output_saving_double_backward_matches_eager():
 
 def test_fused_saved_for_backward_is_the_output():
     x = torch.randn(32, 16, requires_grad=True)
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with K.backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = anact.NReLU()(x)
+    seen, out = _saved_storages(lambda: anact.NReLU()(x))
     assert out.untyped_storage().data_ptr() in seen
     assert x.untyped_storage().data_ptr() not in seen
     assert sum(seen.values()) <= x.numel() * 4 + 64
