@@ -146,7 +146,7 @@ def _weight_sum(weights: list[Tensor]) -> Tensor:
 
 _CHUNK = 1 << 17  # CPU: elements per float32 dot (relative error stays ~1e-7)
 
-# A producer writes δ'(x) of a flat chunk x into ``out`` (a scratch buffer of x's size,
+# A producer writes δ'(x) of a flat x into ``out`` (a reused scratch buffer of x's size,
 # or None to allocate) and returns it. Fresh CPU tensors the size of an activation cost
 # page faults that dwarf the arithmetic, hence the scratch buffer.
 _Producer = Callable[[Tensor, Activation, Tensor | None], Tensor]
@@ -440,7 +440,7 @@ class _Layer:
         """The power sums of one forward pass (see :class:`_Record`), still on the device.
 
         ``y`` is the layer's output. ``max_rows``: use only the first rows of
-        dimension 0. ``scratch(x)``: a chunk buffer for x's device, or None.
+        dimension 0. ``scratch(x)``: a reused buffer of at least x's size, or None.
         ``pre``: :meth:`x_sums` taken before an in-place forward overwrote x.
         """
         x = x.detach().float()
