@@ -547,3 +547,23 @@ def test_normalized_layers_report_the_same_numbers_on_the_fused_path(kind):
         mon.remove()
     for key in ("rho", "rho_prime", "delta_rho", "delta_rho_prime", "in_var", "out_mean"):
         np.testing.assert_allclose(records[1][key], records[0][key], rtol=1e-5, err_msg=key)
+
+
+def test_large_activations_use_fresh_buffers_and_the_same_numbers(monkeypatch):
+    # over the scratch cap the monitor allocates instead of holding a buffer that large
+    import anact.analysis.monitors as M
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 64), nn.SiLU(), nn.Linear(64, 64), nn.ReLU())
+    x = torch.randn(300, 4)
+    records = []
+    for cap in (1 << 22, 1000):  # the second forces the fresh-buffer path
+        monkeypatch.setattr(M, "_SCRATCH_MAX", cap)
+        mon = ConvergenceMonitor(model)
+        model(x)
+        records.append(mon.step()["layers"])
+        assert (mon._buf is None) == (cap == 1000)
+        mon.remove()
+    for name in records[0]:
+        for key in ("rho", "rho_prime", "in_var", "out_var"):
+            np.testing.assert_allclose(records[1][name][key], records[0][name][key], rtol=1e-6)

@@ -145,6 +145,7 @@ def _weight_sum(weights: list[Tensor]) -> Tensor:
 
 
 _CHUNK = 1 << 17  # CPU: elements per float32 dot (relative error stays ~1e-7)
+_SCRATCH_MAX = 1 << 22  # CPU: largest reused scratch buffer (16 MiB of float32)
 
 # A producer writes δ'(x) of a flat x into ``out`` (a reused scratch buffer of x's size,
 # or None to allocate) and returns it. Fresh CPU tensors the size of an activation cost
@@ -643,8 +644,9 @@ class ConvergenceMonitor:
 
     def _scratch(self, x: Tensor) -> Tensor | None:
         """A reused float32 buffer of at least x's size on CPU, where fresh pages cost
-        more than the arithmetic (None elsewhere: the allocator caches)."""
-        if x.device.type != "cpu":
+        more than the arithmetic (None elsewhere: the allocator caches; and for
+        activations over :data:`_SCRATCH_MAX` elements, not to hold that much memory)."""
+        if x.device.type != "cpu" or x.numel() > _SCRATCH_MAX:
             return None
         if self._buf is None or self._buf.numel() < x.numel():
             self._buf = torch.empty(x.numel(), dtype=torch.float32)
