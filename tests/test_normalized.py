@@ -828,3 +828,17 @@ def test_moments_hook_sees_local_moments_before_a_reduction(backend):
     rho, rho_prime, mu, _ = AF.moments_to_stats(
         AF.batch_moments(torch.cat([x, other]), "swish"))
     torch.testing.assert_close(m.running_rho, rho)  # first batch: running = reduced batch
+
+
+def test_lambda_factor_on_floats_matches_the_tensor_version():
+    # the monitor's per-step host code calls it with floats: same values, inf and NaN
+    vals = [0.0, -0.0, 1e-300, 1e-7, 0.3, 1.0, 2.5, 1e300, math.inf, -math.inf, -1.0, math.nan]
+    for r in vals:
+        for rp in vals:
+            for eps in (None, 1e-5):
+                want = AF.lambda_factor(torch.tensor(r, dtype=torch.float64),
+                                        torch.tensor(rp, dtype=torch.float64), eps).item()
+                got = AF.lambda_factor(r, rp, eps)
+                assert isinstance(got, float)
+                assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(
+                    want, rel=1e-15), (r, rp, eps)

@@ -15,6 +15,7 @@ distributed training can reuse them:
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -292,8 +293,11 @@ def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> T
     """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13).
 
     ρ, ρ' are floored at ``eps`` to keep λ finite; ``eps=None`` gives the exact
-    value (inf where ρ or ρ' is 0), as the analysis tools need.
+    value (inf where ρ or ρ' is 0), as the analysis tools need. Python floats in,
+    a float out (IEEE semantics: inf, NaN as for tensors), for per-step host code.
     """
+    if not isinstance(rho, Tensor) and not isinstance(rho_prime, Tensor):
+        return _lambda_float(float(rho), float(rho_prime), eps)
     if eps is not None:
         rho, rho_prime = rho.clamp_min(eps), rho_prime.clamp_min(eps)
     return torch.sqrt((rho + rho_prime) / (2 * rho * rho_prime))
@@ -463,6 +467,19 @@ def _grads_from_output(
         # divide by the s the forward multiplied with (rounded to out's dtype)
         grad_scale = weighted.sum(dim=dims, dtype=scale.dtype) / scale.to(out.dtype).to(scale.dtype)
     return grad_x, grad_scale
+
+
+def _lambda_float(rho: float, rho_prime: float, eps: float | None) -> float:
+    """:func:`lambda_factor` on Python floats, with the tensor version's inf/NaN results."""
+    if eps is not None:  # clamp_min: NaN stays NaN
+        rho = rho if math.isnan(rho) or rho >= eps else eps
+        rho_prime = rho_prime if math.isnan(rho_prime) or rho_prime >= eps else eps
+    num, den = rho + rho_prime, 2 * rho * rho_prime
+    if den == 0:  # x/±0 = ±inf by the signs of x and of the zero; 0/0 = NaN
+        q = math.copysign(math.inf, num) * math.copysign(1.0, den) if num != 0 else math.nan
+    else:
+        q = num / den
+    return math.sqrt(q) if q >= 0 else math.nan  # NaN and negative quotients give NaN
 
 
 class _NormalizedActivationFn(torch.autograd.Function):

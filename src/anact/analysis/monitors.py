@@ -733,7 +733,11 @@ class ConvergenceMonitor:
         if weights:
             with torch.no_grad():
                 dev = weights[0].device
-                tensors.append(torch.stack([w.mean(dtype=torch.float32).to(dev) for w in weights]))
+                # Σ W_i (float32), divided by the count on the host: cheaper than mean()
+                tensors.append(torch.stack([
+                    (w.sum() if w.dtype == torch.float32 else w.sum(dtype=torch.float32)).to(dev)
+                    for w in weights
+                ]))  # fmt: skip
         if len({t.device for t in tensors}) > 1:
             tensors = [t.cpu() for t in tensors]
         if len({t.dtype for t in tensors}) > 1:
@@ -752,7 +756,7 @@ class ConvergenceMonitor:
         for layer in fired:
             layer.pending.clear()
             layer.calls = 0
-        wsum_value = sum(abs(next(values)) for _ in weights)  # Σ_i |E[W_i]| (Figure 4)
+        wsum_value = sum(abs(next(values) / w.numel()) for w in weights)  # Σ_i |E[W_i]| (Fig. 4)
         record = {"score": score, "weight_mean_abs_sum": wsum_value, "layers": layers}
         self.history.append(record)
         return record
@@ -848,10 +852,8 @@ def _add_lambda(layers: Iterable[dict[str, float]]) -> None:
     layers = list(layers)
     if not layers:
         return
-    rho, rho_prime = (torch.tensor([s[k] for s in layers], dtype=torch.float64)
-                      for k in ("delta_rho", "delta_rho_prime"))
-    for s, lam in zip(layers, AF.lambda_factor(rho, rho_prime, eps=None).tolist(), strict=True):
-        s["lam"] = lam
+    for s in layers:
+        s["lam"] = AF.lambda_factor(s["delta_rho"], s["delta_rho_prime"], eps=None)
 
 
 def _ratio(a: float, b: float) -> float:
