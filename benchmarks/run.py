@@ -59,6 +59,14 @@ Row = dict[str, object]
 
 
 _clock = time.thread_time
+DEVICE = torch.device("cpu")  # --device
+DTYPE = torch.float32  # --dtype: the activation inputs' dtype
+
+
+def _cuda_clock() -> float:
+    """Wall time after the device's queued work has finished."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def interleaved(
@@ -121,11 +129,12 @@ def _backend_module(module: nn.Module, backend: str) -> Callable[[Tensor], Tenso
 
 def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) -> list[Row]:
     torch.manual_seed(0)
-    x = torch.randn(shape, requires_grad=True)
-    g = torch.randn(shape)
+    x = torch.randn(shape, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    g = torch.randn(shape, device=DEVICE, dtype=DTYPE)
     plain = PLAIN[kind]()
     c = None if channel_dim is None else shape[channel_dim]
     norm = (nrelu if kind == "relu" else NORMALIZED[kind])(c, channel_dim=channel_dim)
+    norm.to(DEVICE)  # statistics and α stay float32 whatever the input dtype
     variants: dict[str, Callable[[Tensor], Tensor]] = {"plain": plain}
     for b in ("eager", "compiled"):
         variants[b] = _backend_module(norm, b)
@@ -153,7 +162,8 @@ def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) ->
         rows.append({
             "what": f"N{kind.capitalize() if kind == 'swish' else 'ReLU'} vs "
                     f"{'F.silu' if kind == 'swish' else 'F.relu'}, "
-                    f"{'×'.join(map(str, shape))}, {per}",
+                    f"{'×'.join(map(str, shape))}, {per}"
+                    + ("" if DTYPE == torch.float32 else f", {str(DTYPE).split('.')[-1]}"),
             "backend": b,
             "fwd+bwd": t_fb[b][1],
             "fwd": t_f[b][1],
@@ -181,9 +191,9 @@ def _train_step(model: nn.Module, opt, xb: Tensor, yb: Tensor, backend: str) -> 
 def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module], plain_act,
                 norm_act, xb: Tensor, yb: Tensor, repeats: int) -> list[Row]:
     torch.manual_seed(0)
-    plain = make(plain_act)
+    plain = make(plain_act).to(DEVICE)
     torch.manual_seed(0)
-    norm = make(norm_act)
+    norm = make(norm_act).to(DEVICE)
     steps = {"plain": _train_step(plain, torch.optim.SGD(plain.parameters(), 0.01, 0.9), xb, yb,
                                   "eager")}
     opt = torch.optim.SGD(norm.parameters(), 0.01, 0.9)
@@ -217,8 +227,8 @@ def bench_fold(xb: Tensor, repeats: int) -> list[Row]:
         return [{"what": "LeNet5 inference after anact.fold", "backend": "-",
                  "note": "missing: anact.fold not in this tree yet"}]
     torch.manual_seed(0)
-    plain = LeNet5(nn.ReLU).eval()
-    norm = LeNet5(lambda: nrelu(center=False))
+    plain = LeNet5(nn.ReLU).to(DEVICE).eval()
+    norm = LeNet5(lambda: nrelu(center=False)).to(DEVICE)
     with torch.no_grad():
         norm(xb)  # running statistics from one batch
     norm.eval()
@@ -300,7 +310,8 @@ def machine() -> str:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    gpu = f", {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
+    return (f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
 
 
@@ -331,14 +342,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="act,lenet,resnet,fold,monitor,ensemble",
                    help="comma-separated sections: act,lenet,resnet,fold,monitor,ensemble")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: tensors and models there; CUDA times are wall "
+                        "time after torch.cuda.synchronize(). The monitor and ensemble "
+                        "sections run on the CPU only")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the activation section's inputs (models stay float32)")
     p.add_argument("--save", default="auto", choices=("auto", "input", "output"),
                    help="NReLU's save= option (default auto: the output; input: as before)")
     a = p.parse_args(argv)
-    global _clock, SAVE
+    global _clock, SAVE, DEVICE, DTYPE
     SAVE = a.save
+    DEVICE, DTYPE = torch.device(a.device), getattr(torch, a.dtype)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch has no CUDA device")
     torch.set_num_threads(a.threads)
     if a.threads > 1:
         _clock = time.perf_counter
+    if DEVICE.type == "cuda":
+        _clock = _cuda_clock
     warnings.simplefilter("ignore", anact.functional.StatisticsWarning)
     only = set(a.only.split(","))
     reps = a.repeats or (7 if a.quick else 15)
@@ -357,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {kind} {shape} done ({time.time() - t0:.0f}s)", file=sys.stderr)
             rows += bench_activation(shape, "swish", cd, reps)
     torch.manual_seed(0)
-    xl, yl = torch.randn(lenet_batch, 1, 28, 28), torch.randint(0, 10, (lenet_batch,))
+    xl = torch.randn(lenet_batch, 1, 28, 28, device=DEVICE)
+    yl = torch.randint(0, 10, (lenet_batch,), device=DEVICE)
     if "lenet" in only:
         for kind, plain, norm in (("ReLU", nn.ReLU, lambda: nrelu(center=False)),
                                   ("Swish", nn.SiLU, lambda: anact.NSwish(center=False))):
@@ -365,12 +388,16 @@ def main(argv: list[str] | None = None) -> int:
                                 plain, norm, xl, yl, reps * 3)
         print(f"# lenet done ({time.time() - t0:.0f}s)", file=sys.stderr)
     if "resnet" in only:
-        xr, yr = torch.randn(resnet_batch, 3, 32, 32), torch.randint(0, 100, (resnet_batch,))
+        xr = torch.randn(resnet_batch, 3, 32, 32, device=DEVICE)
+        yr = torch.randint(0, 100, (resnet_batch,), device=DEVICE)
         rows += bench_model(f"CIFAR ResNet50 NReLU vs ReLU, batch {resnet_batch}", ResNet50,
                             nn.ReLU, nrelu, xr, yr, max(5, reps // 2))
         print(f"# resnet done ({time.time() - t0:.0f}s)", file=sys.stderr)
     if "fold" in only:
         rows += bench_fold(xl, reps * 3)
+    if DEVICE.type != "cpu" and only & {"monitor", "ensemble"}:
+        print("# monitor and ensemble sections: CPU only, skipped", file=sys.stderr)
+        only -= {"monitor", "ensemble"}
     if "monitor" in only:
         rows += bench_monitor(["relu", "swish", "nrelu", "nswish"], 64, 5, reps * 2)
         print(f"# monitor done ({time.time() - t0:.0f}s)", file=sys.stderr)
@@ -378,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_ensemble(["relu", "nrelu"], 3 if a.quick else 9, 4, 3 if a.quick else 5)
         print(f"# ensemble done ({time.time() - t0:.0f}s)", file=sys.stderr)
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
-          f"{reps} rounds; NReLU save={SAVE}; {time.time() - t0:.0f}s -->")
+          f"{reps} rounds; NReLU save={SAVE}; device {DEVICE}, activation inputs {a.dtype}; "
+          f"{time.time() - t0:.0f}s -->")
     print(table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
