@@ -673,7 +673,9 @@ def test_block_saves_no_more_than_plain_relu(block, shape, per_channel):
 
     lrelu = block == "linear-lrelu"
     plain = make(torch.nn.LeakyReLU(0.1) if lrelu else torch.nn.ReLU())
-    norm = make(anact.NLReLU(c, negative_slope=0.1, channel_dim=cd) if lrelu
+    # auto keeps what the plain module keeps: NReLU its output, NLReLU its input; NLReLU
+    # with save="output" keeps less than nn.LeakyReLU
+    norm = make(anact.NLReLU(c, negative_slope=0.1, channel_dim=cd, save="output") if lrelu
                 else anact.NReLU(c, channel_dim=cd))
     norm.load_state_dict(plain.state_dict(), strict=False)
     plain_saved, _ = _saved(lambda: plain(x).sum())
@@ -723,8 +725,11 @@ def test_user_activation_without_sign_derivative_saves_x():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     assert any(t is x or t.data_ptr() == x.data_ptr() for t in seen)
+    # declaring sign_derivative allows save="output"; "auto" keeps x for functions other
+    # than the built-in ReLU (no plain torch op to follow)
     module = anact.NormalizedActivation(mine.__class__(**{**mine.__dict__,
-                                                          "sign_derivative": (1.0, 0.0)}))
+                                                          "sign_derivative": (1.0, 0.0)}),
+                                        save="output")
     seen.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module(x)
@@ -842,3 +847,19 @@ def test_lambda_factor_on_floats_matches_the_tensor_version():
                 assert isinstance(got, float)
                 assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(
                     want, rel=1e-15), (r, rp, eps)
+
+
+def test_auto_saves_what_the_plain_module_saves():
+    # code written for nn.ReLU never changes its output in place (nn.ReLU saves it); code
+    # written for nn.LeakyReLU may, so NLReLU keeps its input by default
+    x = torch.randn(8, 5, requires_grad=True)
+    for module, plain, saves_output in [(anact.NReLU(), torch.nn.ReLU(), True),
+                                        (anact.NLReLU(), torch.nn.LeakyReLU(), False)]:
+        for m in (module, plain):
+            out = m(x)
+            out.add_(1.0)  # in place after the activation
+            if saves_output:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    out.sum().backward()
+            else:
+                out.sum().backward()  # works for nn.LeakyReLU, so for NLReLU too

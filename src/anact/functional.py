@@ -306,12 +306,17 @@ def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> T
 SAVE_MODES = ("auto", "input", "output")
 
 
+# "auto" saves what the plain torch op saves: F.relu keeps its output (code written for
+# nn.ReLU never changes it in place), F.leaky_relu its input (code may change its output)
+_PLAIN_SAVES_OUTPUT = frozenset({"relu"})
+
+
 def _saves_output(act: Activation, save: str) -> bool:
     """Whether the op saves its output (True) or its input x (False) for backward."""
     if save == "input":
         return False
     if save == "auto":
-        return act.sign_derivative is not None
+        return act.sign_derivative is not None and act.name in _PLAIN_SAVES_OUTPUT
     if save == "output":
         if act.sign_derivative is None:
             raise ValueError(
@@ -567,9 +572,10 @@ def apply_normalization(
     the gradient flows to x and to scale, never to shift. ``save`` picks the one
     full-size tensor kept for backward: ``"input"`` (x), ``"output"`` (the result,
     as ``F.relu`` does; only for activations with ``sign_derivative``: ReLU,
-    LeakyReLU with slope ≥ 0), or ``"auto"`` (default: the output where allowed,
-    else x). Saving the output lets the next layer share the tensor (a plain ReLU
-    model's memory); the gradients are the same (docs/core.md, "Gradients and
+    LeakyReLU with slope ≥ 0), or ``"auto"`` (default: what the plain torch op
+    keeps — the output for ReLU, x otherwise, so code written for the plain module
+    keeps working). Saving the output lets the next layer share the tensor (a plain
+    ReLU model's memory); the gradients are the same (docs/core.md, "Gradients and
     memory").
     """
     act = resolve_activation(activation)

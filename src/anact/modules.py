@@ -66,11 +66,13 @@ class NormalizedActivation(nn.Module):
             the batch statistics are used in training and eval alike.
         activation_params: parameters of a registered activation, e.g.
             ``{"negative_slope": 0.1}`` for ``"lrelu"``.
-        save: the full-size tensor kept for backward: ``"auto"`` (default: the
-            output for ReLU and LeakyReLU with slope ≥ 0, as their plain modules
-            do, so the next layer shares it; x otherwise), ``"input"`` (always x)
-            or ``"output"`` (an error for other activations). Same gradients either
-            way; see docs/core.md, "Gradients and memory".
+        save: the full-size tensor kept for backward: ``"auto"`` (default: what
+            the plain torch module keeps — the output for ReLU, which the next layer
+            shares, x otherwise, e.g. for LeakyReLU, whose output user code may change
+            in place), ``"input"`` (always x) or ``"output"`` (ReLU, and LeakyReLU
+            with slope ≥ 0, which then keeps less than nn.LeakyReLU; an error for
+            other activations). Same gradients either way; see docs/core.md,
+            "Gradients and memory".
 
     Shape:
         input (any shape; ``channel_dim`` must hold C channels), optional bool
