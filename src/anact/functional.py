@@ -289,6 +289,33 @@ def update_running_stats(
         num_batches_tracked.add_(valid.any().to(num_batches_tracked.dtype))
 
 
+def _normalization_stats(
+    moments: BatchMoments,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(rho, rho_prime, mu, valid)`` the op normalizes with after a batch: in training
+    with running statistics, the running values just updated (eq. 16–18); otherwise the
+    batch's, with λ = 1, μ = 0 (ρ = ρ' = 1) where the batch is unusable."""
+    rho, rho_prime, mu, valid = moments_to_stats(moments)
+    if running_rho is not None and training:
+        update_running_stats(
+            running_rho, running_rho_prime, running_mean, num_batches_tracked,
+            rho, rho_prime, mu, valid, momentum=momentum, bounds=bounds,
+        )  # fmt: skip
+        return running_rho, running_rho_prime, running_mean, valid
+    # no running values to fall back on: an unusable batch gets λ = 1, μ = 0
+    return (torch.where(valid, rho, torch.ones_like(rho)),
+            torch.where(valid, rho_prime, torch.ones_like(rho_prime)),
+            torch.where(valid, mu, torch.zeros_like(mu)), valid)  # fmt: skip
+
+
 def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> Tensor:
     """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13).
 
@@ -660,21 +687,13 @@ def normalized_activation(
             on_moments(moments)
         if reduce_moments is not None:
             moments = reduce_moments(moments)
-        rho, rho_prime, mu, valid = moments_to_stats(moments)
+        rho, rho_prime, mu, valid = _normalization_stats(
+            moments, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+            training=training, momentum=momentum, bounds=bounds,
+        )  # fmt: skip
         if (not _is_compiling() and not _kernels._transforms_active()
                 and x.device.type == "cpu" and not bool(valid.all())):  # fmt: skip
             _warn_unusable_batch(stacklevel=4)  # (no host check under vmap or compile)
-        if has_running and training:
-            update_running_stats(
-                running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                rho, rho_prime, mu, valid, momentum=momentum, bounds=bounds,
-            )
-            rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-        else:
-            # no running values to fall back on: an unusable batch gets λ = 1, μ = 0
-            rho = torch.where(valid, rho, torch.ones_like(rho))
-            rho_prime = torch.where(valid, rho_prime, torch.ones_like(rho_prime))
-            mu = torch.where(valid, mu, torch.zeros_like(mu))
     else:
         rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
     lam = lambda_factor(rho.detach(), rho_prime.detach(), eps)

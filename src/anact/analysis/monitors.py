@@ -393,10 +393,8 @@ class _Layer:
         m = self.module
         if moments is None:
             moments = AF.batch_moments(x, m.activation, channel_dim=m.channel_dim, mask=mask)
-        rho, rho_prime, mu, valid = AF.moments_to_stats(moments)
-        return (torch.where(valid, rho, torch.ones_like(rho)),
-                torch.where(valid, rho_prime, torch.ones_like(rho_prime)),
-                torch.where(valid, mu, torch.zeros_like(mu)), valid)  # fmt: skip
+        return AF._normalization_stats(moments, None, None, None, None, training=True,
+                                       momentum=None, bounds=None)  # the batch's own
 
     def from_moments(self, moments: AF.BatchMoments) -> _Record:
         """The record of a forward pass from the moments the layer computed itself

@@ -164,17 +164,10 @@ def finish(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Statistics → running update → ``(lam, shift, valid)``, as the reference does."""
     if moments is not None:
-        rho, rho_prime, mu, valid = AF.moments_to_stats(moments)
-        if cfg.has_running and cfg.training:
-            AF.update_running_stats(
-                running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                rho, rho_prime, mu, valid, momentum=cfg.momentum, bounds=cfg.bounds,
-            )  # fmt: skip
-            rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-        else:
-            rho = torch.where(valid, rho, torch.ones_like(rho))
-            rho_prime = torch.where(valid, rho_prime, torch.ones_like(rho_prime))
-            mu = torch.where(valid, mu, torch.zeros_like(mu))
+        rho, rho_prime, mu, valid = AF._normalization_stats(
+            moments, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+            training=cfg.training, momentum=cfg.momentum, bounds=cfg.bounds,
+        )  # fmt: skip
     else:
         rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
         valid = torch.ones((), dtype=torch.bool, device=rho.device)
