@@ -139,6 +139,11 @@ def _paper_cell(v: Any) -> str:
     return _fmt(v) if isinstance(v, float) else str(v)
 
 
+def _paper_keys(paper: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    """The paper's column names for these methods, each once, in first-seen order."""
+    return list(dict.fromkeys(k for a in names for k in paper.get(a, {})))
+
+
 def _metric(metric: str) -> tuple[str, str]:
     """(label, unit) of a study's metric, e.g. ("accuracy", "%"), ("BLEU", "")."""
     from anact.experiments.studies import METRICS
@@ -177,11 +182,7 @@ def markdown_table(
     names = [a for a in (order or []) if a in group.results]
     names += [a for a in group.results if a not in names]
     paper = paper or {}
-    paper_keys: list[str] = []
-    for a in names:
-        for k in paper.get(a, {}):
-            if k not in paper_keys:
-                paper_keys.append(k)
+    paper_keys = _paper_keys(paper, names)
     has_top5 = any(
         v is not None for r in group.results.values() for c in r.val_acc_top5 for v in c
     )
@@ -350,11 +351,7 @@ def robustness_table(
     sev = [k for k in subkeys if k.startswith("corrupt_acc/sev")]
     per = [k for k in subkeys if k not in sev]
     paper = paper or {}
-    paper_keys: list[str] = []
-    for a in names:
-        for k in paper.get(a, {}):
-            if k not in paper_keys:
-                paper_keys.append(k)
+    paper_keys = _paper_keys(paper, names)
 
     def med(vals: Sequence[float | None]) -> float:
         vs = [v for v in vals if v is not None and not math.isnan(v)]
