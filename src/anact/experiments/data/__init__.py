@@ -10,6 +10,10 @@ from anact.experiments.data.idx import (
     find_idx_file,
     load_image_dataset,
     read_idx,
+    read_idx_dataset,
 )
 
-__all__ = ["DATASETS", "DataError", "ImageData", "find_idx_file", "load_image_dataset", "read_idx"]
+__all__ = [
+    "DATASETS", "DataError", "ImageData", "find_idx_file", "load_image_dataset", "read_idx",
+    "read_idx_dataset",
+]  # fmt: skip

@@ -24,7 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "DataError", "ImageData", "find_idx_file", "load_image_dataset", "read_idx"]
+__all__ = [
+    "DATASETS", "DataError", "ImageData", "find_idx_file", "load_image_dataset", "read_idx",
+    "read_idx_dataset",
+]  # fmt: skip
 
 # IDX type code -> numpy big-endian dtype
 _DTYPES = {
@@ -115,22 +118,12 @@ class ImageData:
     num_classes: int
 
 
-def load_image_dataset(
-    name: str = "fashion-mnist",
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    train_subset: int | None = None,
-) -> ImageData:
-    """Load MNIST or Fashion-MNIST from IDX files onto ``device``.
-
-    Args:
-        name: ``"fashion-mnist"`` (default) or ``"mnist"``.
-        data_dir: the directory of the four IDX files; default per data set
-            (``/usr/share/datasets/fashion-mnist`` from ``dataset-fashion-mnist``).
-        train_subset: keep the first N training examples (a fixed, seed-independent
-            subset); the validation set (official test split) is always complete.
-    """
+def read_idx_dataset(
+    name: str = "fashion-mnist", data_dir: str | os.PathLike[str] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The raw uint8 tensors (train images (N, H, W), train labels (N,), test images,
+    test labels) of MNIST or Fashion-MNIST from the four IDX files in ``data_dir``
+    (default per data set), with a clear error for a missing or malformed file."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
@@ -158,6 +151,26 @@ def load_image_dataset(
                 f"{name} in {data_dir}: {split} images {tuple(x.shape)} and labels "
                 f"{tuple(y.shape)} do not match (expected (N, H, W) and (N,))"
             )
+    return tx, ty, vx, vy
+
+
+def load_image_dataset(
+    name: str = "fashion-mnist",
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    train_subset: int | None = None,
+) -> ImageData:
+    """Load MNIST or Fashion-MNIST from IDX files onto ``device``.
+
+    Args:
+        name: ``"fashion-mnist"`` (default) or ``"mnist"``.
+        data_dir: the directory of the four IDX files; default per data set
+            (``/usr/share/datasets/fashion-mnist`` from ``dataset-fashion-mnist``).
+        train_subset: keep the first N training examples (a fixed, seed-independent
+            subset); the validation set (official test split) is always complete.
+    """
+    tx, ty, vx, vy = read_idx_dataset(name, data_dir)
     if train_subset is not None:
         if not 0 < train_subset:
             raise ValueError(f"train_subset must be a positive count, got {train_subset}")

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import anact
-from anact.experiments.data import DATASETS, ImageData, find_idx_file, read_idx
+from anact.experiments.data import ImageData, read_idx_dataset
 from anact.experiments.data.cifar import channel_stats, load_cifar, standardize, to_cifar_shape
 from anact.experiments.data.corruptions import CORRUPTIONS, corrupted_sets
 from anact.experiments.data.idx import DataError
@@ -67,17 +66,7 @@ class LayerActData:
 
 
 def _raw_fashion_mnist(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    info = DATASETS["fashion-mnist"]
-    root = Path(data_dir or info["dir"])
-    try:
-        parts = [
-            read_idx(find_idx_file(root, split, kind))
-            for split in ("train", "t10k")
-            for kind in ("images", "labels")
-        ]
-    except DataError as e:
-        raise DataError(f"fashion-mnist in {root}: {e}; {info['hint']}") from e
-    tx, ty, vx, vy = parts
+    tx, ty, vx, vy = read_idx_dataset("fashion-mnist", data_dir)
     return (
         to_cifar_shape(tx, pad_value=0.0),
         ty.long(),
