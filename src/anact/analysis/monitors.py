@@ -523,23 +523,26 @@ class _Record:
 def _from_moments(v: list[float], width: int) -> dict[str, float]:
     """:data:`_FULL` of one pass from its moments ``v`` (:data:`_MOMENTS` × ``width``
     channels, row-major), in float64."""
+    total: Callable[[Any], float]
     if width == 1:  # per tensor: plain floats (most layers; numpy's overhead dominates)
         count, mx, vx, md, vd, dsq, c, shift = v
         if count <= 0:
             return dict.fromkeys(_FULL, 0.0)
-        my = c * (md - shift)  # mean of y = c·(δ − shift)
-        return {"n": count, "x": count * mx, "xx": count * (vx + mx * mx), "y": count * my,
-                "yy": count * (c * c * vd + my * my), "g": count * dsq,
-                "cg": count * c * c * dsq, "vd": count * vd}  # fmt: skip
-    count, mx, vx, md, vd, dsq, c, shift = np.asarray(v, dtype=np.float64).reshape(8, width)
-    real = count > 0  # an all-masked channel has NaN moments and no elements
 
-    def total(t: np.ndarray) -> float:
-        return float(np.sum(np.where(real, count * t, 0.0)))
+        def total(t: float) -> float:
+            return count * t
 
-    n = float(np.sum(count))
-    my = c * (md - shift)  # mean of y = c·(δ − shift) per channel
-    mean_d = total(md) / n if n > 0 else 0.0
+        n, mean_d = count, md
+    else:
+        count, mx, vx, md, vd, dsq, c, shift = np.asarray(v, dtype=np.float64).reshape(8, width)
+        real = count > 0  # an all-masked channel has NaN moments and no elements
+
+        def total(t: np.ndarray) -> float:
+            return float(np.sum(np.where(real, count * t, 0.0)))
+
+        n = float(np.sum(count))
+        mean_d = total(md) / n if n > 0 else 0.0
+    my = c * (md - shift)  # mean of y = c·(δ − shift), per channel
     return {
         "n": n, "x": total(mx), "xx": total(vx + mx * mx), "y": total(my),
         "yy": total(c * c * vd + my * my), "g": total(dsq), "cg": total(c * c * dsq),
