@@ -206,21 +206,26 @@ _DSQ_SHORTCUTS: dict[str, _Producer] = {
 }
 
 
-def _shortcut_for(act: Activation) -> _Producer | None:
-    """The fast δ' for ``act``, if one exists and agrees with its registered derivative
-    (a user may have registered another function under the same name)."""
-    prime = _DSQ_SHORTCUTS.get(act.name)
-    if prime is None:
-        return None
-    probe = torch.cat([torch.linspace(-6, 6, 121), torch.tensor([0.0, -3.0, 3.0, 25.0])])
+def _agrees_with_registry(act: Activation, derivative: Callable[..., Tensor]) -> bool:
+    """Whether ``derivative(x, out)`` (``out`` None or a buffer) equals the registered δ'
+    on probe points around the kinks (a user may have registered another function under
+    a built-in name, and an op may be missing in this torch)."""
+    probe = torch.cat([torch.linspace(-6, 6, 121), torch.tensor([0.0, -3.0, 3.0, 25.0, 1e-30])])
     try:
-        ok = all(
-            torch.allclose(prime(probe, act, out), act.derivative(probe), rtol=1e-5, atol=1e-6)
+        return all(
+            torch.allclose(derivative(probe, out), act.derivative(probe), rtol=1e-5, atol=1e-6)
             for out in (None, torch.empty_like(probe))
         )
-    except (RuntimeError, KeyError, AttributeError, TypeError):  # op missing in this torch
-        ok = False
-    return prime if ok else None
+    except (RuntimeError, KeyError, AttributeError, TypeError):
+        return False
+
+
+def _shortcut_for(act: Activation) -> _Producer | None:
+    """The fast δ' for ``act``, if one exists and agrees with its registered derivative."""
+    prime = _DSQ_SHORTCUTS.get(act.name)
+    if prime is None or not _agrees_with_registry(act, lambda x, out: prime(x, act, out)):
+        return None
+    return prime
 
 
 def _sq_sum(t: Tensor) -> Tensor:
@@ -307,21 +312,13 @@ _OUT_SHORTCUTS: dict[str, tuple[_OutProducer, bool]] = {
 
 def _out_shortcut_for(act: Activation, have_x: bool) -> _OutProducer | None:
     """δ' of ``act`` from its output (and input if ``have_x``), if it agrees with the
-    registered derivative (as :func:`_shortcut_for`)."""
+    registered derivative."""
     prime, needs_x = _OUT_SHORTCUTS.get(act.name, (None, False))
     if prime is None or (needs_x and not have_x):
         return None
-    probe = torch.cat([torch.linspace(-6, 6, 121), torch.tensor([0.0, -3.0, 3.0, 25.0, 1e-30])])
-    try:
-        y = act.fn(probe)
-        ok = all(
-            torch.allclose(prime(probe, y, act, out), act.derivative(probe), rtol=1e-5,
-                           atol=1e-6)
-            for out in (None, torch.empty_like(probe))
-        )  # fmt: skip
-    except (RuntimeError, KeyError, AttributeError, TypeError):
-        ok = False
-    return prime if ok else None
+    if not _agrees_with_registry(act, lambda x, out: prime(x, act.fn(x), act, out)):
+        return None
+    return prime
 
 
 def _out_dsq_sum(xf: Tensor, yf: Tensor, act: Activation, prime: _OutProducer,
