@@ -26,11 +26,14 @@ without gradient. The cost (benchmarks/bench_monitors.py):
 
 * a normalized activation hands the monitor the batch moments it computes anyway
   (:meth:`anact.NormalizedActivation.register_moments_hook`): no pass over the data;
-* a plain activation costs power sums Σx, Σx², Σy, Σy² (float32 cascade sums and
-  dots over 2^17-element chunks, relative error ~1e-7) and one δ' pass, taken from
-  the output where that is cheaper than re-evaluating δ (ReLU: y > 0, tanh: 1 − y²,
-  ELU: y + α, Swish: y/x, …) and otherwise from torch's fused backward kernels;
-  ReLU's δ'² is an exact count;
+* a plain activation (and GPN) costs power sums Σx, Σx², Σy, Σy² and Σδ'², δ' taken
+  from the output where that is cheaper than re-evaluating δ (ReLU: y > 0, tanh:
+  1 − y², ELU: y + α, Swish: y/x, …) and otherwise from torch's fused backward
+  kernels; ReLU's and LeakyReLU's δ'² are exact counts. On CPU the package's C code
+  (``anact._powersums``, built at install where a C compiler exists) reads x and y
+  once for all five sums, in one call (float32 block sums added in double, relative
+  error ~1e-8); elsewhere, and without the C code, torch ops compute them (float32
+  cascade sums and dots over 2^17-element chunks, relative error ~1e-7);
 * everything stays on the device until :meth:`ConvergenceMonitor.step`, which
   synchronises once and combines the sums in float64.
 
@@ -52,6 +55,11 @@ from torch import Tensor, nn
 
 from anact import functional as AF
 from anact.activations import Activation, get_activation
+
+try:  # the one-pass C power sums, built with the package where a C compiler exists
+    from anact._powersums import power_sums as _c_power_sums
+except ImportError:  # pragma: no cover - installed without a compiler: PyTorch fallback
+    _c_power_sums = None
 
 __all__ = [
     "ConvergenceMonitor",
@@ -130,12 +138,12 @@ def _weight_layers(model: nn.Module) -> list[nn.Module]:
 
 def _weights(model: nn.Module, layers: list[nn.Module] | None = None) -> list[Tensor]:
     """The weight tensors of the Linear and Conv ``layers`` (default: all of ``model``'s)."""
-    return [
-        m.weight
-        for m in (_weight_layers(model) if layers is None else layers)
-        if isinstance(getattr(m, "weight", None), Tensor)
-        and not isinstance(m.weight, nn.parameter.UninitializedParameter)
-    ]
+    out = []
+    for m in _weight_layers(model) if layers is None else layers:
+        w = getattr(m, "weight", None)  # read each step: a weight may be replaced
+        if isinstance(w, Tensor) and not isinstance(w, nn.parameter.UninitializedParameter):
+            out.append(w)
+    return out
 
 
 @torch.no_grad()
@@ -291,9 +299,13 @@ def _elu_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tenso
     return _A.elu_backward.default(grad, alpha, scale, 1.0, True, y)
 
 
+_SWISH_TINY = 1e-20  # below it σ(x) = 1/2 in float32; y/x would be 0/0 or a subnormal's
+
+
 def _swish_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
-    # σ = y/x (0/0 at x = 0: σ(0) = 1/2), then δ' = σ + y(1 − σ) = lerp(y, 1, σ)
+    # σ = y/x (1/2 for |x| < 1e-20, and for inf/inf), then δ' = σ + y(1 − σ) = lerp(y, 1, σ)
     sig = torch.div(y, x, out=out).nan_to_num_(nan=0.5)
+    sig.masked_fill_(x.abs() < _SWISH_TINY, 0.5)
     return torch.lerp(y, _one(y), sig, out=sig)
 
 
@@ -319,6 +331,41 @@ def _out_shortcut_for(act: Activation, have_x: bool) -> _OutProducer | None:
     if not _agrees_with_registry(act, lambda x, out: prime(x, act.fn(x), act, out)):
         return None
     return prime
+
+
+# δ' sources of the C power sums (DSQ_* in anact/_powersums.c); each is the C twin of
+# a shortcut above, used only where that shortcut passed the registry check
+(_DSQ_NONE, _DSQ_RELU_Y, _DSQ_LRELU_Y, _DSQ_TANH_Y, _DSQ_SIGMOID_Y, _DSQ_ELU_Y,
+ _DSQ_SWISH_XY, _DSQ_RELU_X, _DSQ_LRELU_X) = range(9)  # fmt: skip
+
+_C_OUT_KINDS: dict[_OutProducer, int] = {
+    _relu_out: _DSQ_RELU_Y, _lrelu_out: _DSQ_LRELU_Y, _tanh_out: _DSQ_TANH_Y,
+    _sigmoid_out: _DSQ_SIGMOID_Y, _elu_out: _DSQ_ELU_Y, _swish_out: _DSQ_SWISH_XY,
+}  # fmt: skip
+_C_IN_KINDS: dict[_Producer, int] = {_relu_prime: _DSQ_RELU_X, _lrelu_prime: _DSQ_LRELU_X}
+
+
+def _c_params(act: Activation) -> tuple[float, float]:
+    """The (p0, p1) the C δ' of ``act`` reads: LeakyReLU's slope, ELU's/SELU's α, scale."""
+    if act.name == "lrelu":
+        return float(act.params["negative_slope"]), 0.0
+    if act.name in ("elu", "selu"):
+        return _SELU if act.name == "selu" else (float(act.params["alpha"]), 1.0)
+    return 0.0, 0.0
+
+
+def _c_readable(t: Tensor) -> bool:
+    """Whether the C sums may read ``t``: contiguous float32 in CPU memory."""
+    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+
+
+def _c_sums(x: Tensor | None, y: Tensor | None, kind: int, params: tuple[float, float]
+            ) -> tuple[float, float, float, float, float]:  # fmt: skip
+    """(Σx, Σx², Σy, Σy², Σδ'²) in one pass of the C code over the tensors the caller
+    checked with :func:`_c_readable` (None: absent, its sums 0; equal sizes)."""
+    n = (x if x is not None else y).numel()
+    return _c_power_sums(0 if x is None else x.data_ptr(), 0 if y is None else y.data_ptr(),
+                         n, kind, *params)
 
 
 def _out_dsq_sum(xf: Tensor, yf: Tensor, act: Activation, prime: _OutProducer,
@@ -357,8 +404,19 @@ class _Layer:
         self.out_prime = (
             _out_shortcut_for(act, have_x=not self.inplace) if self.kind == "plain" else None
         )
+        # the C sums' δ' for this layer: from the output where the checked shortcut takes
+        # it from there, else from the input (ReLU, LeakyReLU), else none (δ' by torch)
+        self.c_kind = (
+            _C_OUT_KINDS[self.out_prime] if self.out_prime is not None
+            else _C_IN_KINDS.get(self.prime, _DSQ_NONE)
+        )
+        self.c_params = _c_params(act)
+        # the hook's direct path: one C call, scale a constant (plain: 1, GPN: a)
+        self.c_direct = (
+            _c_power_sums is not None and self.kind != "normalized" and self.c_kind != _DSQ_NONE
+        )
         self.calls = 0
-        self._pre_sums: list[Tensor] | None = None
+        self._pre_sums: list[Tensor] | list[float] | None = None
         # the batch moments a normalized layer computed in the forward pass in flight
         self.moments: AF.BatchMoments | None = None
 
@@ -409,8 +467,18 @@ class _Layer:
         vec = torch.stack([t.detach().to(dtype) for t in (*moments, c, shift)])
         return _Record("moments", vec.reshape(-1), float(moments.count.numel()), None)
 
-    def x_sums(self, xf: Tensor, buf: Tensor | None) -> list[Tensor]:
-        """[Σx, Σx²] and, unless the output gives it, Σδ'(x)² of a flat float32 x."""
+    def x_sums(self, xf: Tensor, buf: Tensor | None) -> list[Tensor] | list[float]:
+        """[Σx, Σx²] and, unless the output gives it, Σδ'(x)² of a flat float32 x
+        (floats from the C sums where they can read x, else tensors on x's device)."""
+        if _c_power_sums is not None and _c_readable(xf):
+            kind = self.c_kind if self.out_prime is None else _DSQ_NONE
+            sx, sxx, _, _, sg = _c_sums(xf, None, kind, self.c_params)
+            if self.out_prime is not None:
+                return [sx, sxx]
+            return [sx, sxx, sg if kind != _DSQ_NONE else self._torch_dsq(xf, buf)]
+        return self._torch_x_sums(xf, buf)
+
+    def _torch_x_sums(self, xf: Tensor, buf: Tensor | None) -> list[Tensor]:
         out = [xf.sum(), _sq_sum(xf)]
         if self.out_prime is None:
             out.append(_dsq_sum(xf, self.act, self.prime, buf))
@@ -424,6 +492,27 @@ class _Layer:
             out.append(_out_dsq_sum(xf, yf, self.act, self.out_prime, buf))
         return out
 
+    def _torch_dsq(self, xf: Tensor, buf: Tensor | None) -> float:
+        """Σδ'(x)² of a CPU x by torch's δ' (no C twin), summed by the C code."""
+        b = None if buf is None else buf[: xf.numel()]
+        g = self.prime(xf, self.act, b) if self.prime is not None else self.act.derivative(xf)
+        g = g.float().contiguous()
+        return _c_sums(g, None, _DSQ_NONE, self.c_params)[1]
+
+    def _c_record_sums(
+        self, xf: Tensor, yf: Tensor, pre: list[float] | None, buf: Tensor | None
+    ) -> list[float]:
+        """[Σx, Σx², Σy, Σy², Σδ'²] of C-readable flat x and y of one size: one pass over
+        both, or over y alone after an in-place layer's :meth:`x_sums` (``pre``)."""
+        if pre is not None:  # x is gone: its sums (and δ' from x) were taken before
+            kind = self.c_kind if self.out_prime is not None else _DSQ_NONE
+            _, _, sy, syy, sg = _c_sums(None, yf, kind, self.c_params)
+            return [pre[0], pre[1], sy, syy, sg if self.out_prime is not None else pre[2]]
+        sx, sxx, sy, syy, sg = _c_sums(xf, yf, self.c_kind, self.c_params)
+        if self.c_kind == _DSQ_NONE:
+            sg = self._torch_dsq(xf, buf)
+        return [sx, sxx, sy, syy, sg]
+
     def sums(
         self,
         x: Tensor,
@@ -431,9 +520,10 @@ class _Layer:
         mask: Tensor | None,
         max_rows: int | None = None,
         scratch: Callable[[Tensor], Tensor | None] = lambda x: None,
-        pre: list[Tensor] | None = None,
+        pre: list[Tensor] | list[float] | None = None,
     ) -> _Record:
-        """The power sums of one forward pass (see :class:`_Record`), still on the device.
+        """The power sums of one forward pass (see :class:`_Record`), still on the device
+        (or floats already, from the C sums on CPU).
 
         ``y`` is the layer's output. ``max_rows``: use only the first rows of
         dimension 0. ``scratch(x)``: a reused buffer of at least x's size, or None.
@@ -449,8 +539,18 @@ class _Layer:
         y = y.detach().float()
         if mask is None and (not isinstance(c, Tensor) or c.dim() == 0):
             buf = scratch(x)
-            xs = pre if pre is not None else self.x_sums(x.reshape(-1), buf)
-            ys = self.y_sums(x.reshape(-1), y.reshape(-1), buf)
+            xf, yf = x.reshape(-1), y.reshape(-1)
+            if (
+                _c_power_sums is not None and _c_readable(x) and _c_readable(y)
+                and xf.numel() == yf.numel()
+                and (pre is None or not isinstance(pre[0], Tensor))
+            ):  # fmt: skip
+                vals = self._c_record_sums(xf, yf, pre, buf)
+                return _Record("floats", vals, float(xf.numel()), c)
+            if pre is not None and not isinstance(pre[0], Tensor):  # x was C-readable, y not
+                pre = [torch.tensor(v, device=x.device) for v in pre]
+            xs = pre if pre is not None else self._torch_x_sums(xf, buf)
+            ys = self.y_sums(xf, yf, buf)
             vec = torch.stack([xs[0], xs[1], ys[0], ys[1], xs[2] if len(xs) > 2 else ys[2]])
             return _Record("sums", vec, float(x.numel()), c)
         return _Record("full", self._masked_or_channel_sums(x, y, c, mask), 0.0, None)
@@ -503,17 +603,20 @@ _MOMENTS = ("count", "mean_x", "var_x", "mean_d", "var_d", "mean_dsq", "c", "shi
 
 
 class _Record:
-    """One forward pass of one layer, its values still on the device.
+    """One forward pass of one layer, its values still on the device (or already floats).
 
     ``kind`` "sums": ``vec`` = [Σx, Σx², Σy, Σy², Σδ'²] of ``n`` elements, the scale
-    ``c`` (() tensor, float or None) applied after the sync; "moments": ``vec`` =
+    ``c`` (() tensor, float or None) applied after the sync; "floats": the same as a
+    list of Python floats (the C sums of a CPU layer); "moments": ``vec`` =
     :data:`_MOMENTS` for ``n`` channels (the layer's own statistics); "full": ``vec``
     = :data:`_FULL`.
     """
 
     __slots__ = ("kind", "vec", "n", "c")
 
-    def __init__(self, kind: str, vec: Tensor, n: float, c: Tensor | float | None) -> None:
+    def __init__(
+        self, kind: str, vec: Tensor | list[float], n: float, c: Tensor | float | None
+    ) -> None:
         self.kind, self.vec, self.n, self.c = kind, vec, n, c
 
 
@@ -552,15 +655,17 @@ def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
     its ``vec`` then its ``c`` (if a tensor), as floats."""
     total = dict.fromkeys(_FULL, 0.0)
     for r in records:
-        v = [next(values) for _ in range(r.vec.numel())]
+        v = r.vec if r.kind == "floats" else [next(values) for _ in range(r.vec.numel())]
         if r.kind == "full":
             s = dict(zip(_FULL, v, strict=True))
         elif r.kind == "moments":
             s = _from_moments(v, int(r.n))
         else:
-            c = next(values) if isinstance(r.c, Tensor) else r.c  # "sums"
+            c = next(values) if isinstance(r.c, Tensor) else r.c  # "sums", "floats"
             c2 = 1.0 if c is None else c * c
             n, (x, xx, y, yy, g) = r.n, v
+            if x != x or y != y:  # a NaN in x or y: the step's ρ' is NaN as well
+                g = math.nan
             # y = c·(δ − shift) with one c: n·Var[δ] = n·Var[y]/c²
             s = {"n": n, "x": x, "xx": xx, "y": y, "yy": yy, "g": g, "cg": c2 * g,
                  "vd": max(yy - y * y / n, 0.0) / c2}
@@ -686,6 +791,17 @@ class ConvergenceMonitor:
                 return
             if layer.inplace and pre is None:
                 return
+            x = args[0]
+            if (
+                layer.c_direct and pre is None and self.max_rows is None
+                and _c_readable(x) and _c_readable(output) and x.numel() == output.numel()
+            ):  # fmt: skip
+                # plain/GPN layer on CPU with a C δ': one C pass, no tensor op
+                sums = _Record("floats", list(_c_sums(x, output, layer.c_kind, layer.c_params)),
+                               float(x.numel()), layer.scale(None, None))
+                layer.pending.setdefault(layer.calls, []).append(sums)
+                layer.calls += 1
+                return
             with torch.no_grad():
                 if moments is not None:  # the layer's own statistics of this very batch
                     sums = layer.from_moments(moments)
@@ -724,17 +840,25 @@ class ConvergenceMonitor:
         tensors = []
         for layer, call in sites:
             for r in layer.pending[call]:
-                tensors.append(r.vec)
-                if r.kind == "sums" and isinstance(r.c, Tensor):
+                if r.kind != "floats":
+                    tensors.append(r.vec)
+                if isinstance(r.c, Tensor):
                     tensors.append(r.c.reshape(1))
         weights = _weights(self.model, self._weight_layers)
-        if weights:
+        # Σ W_i, divided by the count on the host: by the C sums where they can read W_i
+        # (None here), else float32 sums on W_i's device, synchronised with the rest
+        w_sums: list[float | None] = [
+            _c_sums(w, None, _DSQ_NONE, (0.0, 0.0))[0]
+            if _c_power_sums is not None and _c_readable(w) else None
+            for w in weights
+        ]  # fmt: skip
+        w_dev = [w for w, v in zip(weights, w_sums, strict=True) if v is None]
+        if w_dev:
             with torch.no_grad():
-                dev = weights[0].device
-                # Σ W_i (float32), divided by the count on the host: cheaper than mean()
+                dev = w_dev[0].device
                 tensors.append(torch.stack([
                     (w.sum() if w.dtype == torch.float32 else w.sum(dtype=torch.float32)).to(dev)
-                    for w in weights
+                    for w in w_dev
                 ]))  # fmt: skip
         if len({t.device for t in tensors}) > 1:
             tensors = [t.cpu() for t in tensors]
@@ -754,7 +878,10 @@ class ConvergenceMonitor:
         for layer in fired:
             layer.pending.clear()
             layer.calls = 0
-        wsum_value = sum(abs(next(values) / w.numel()) for w in weights)  # Σ_i |E[W_i]| (Fig. 4)
+        wsum_value = sum(  # Σ_i |E[W_i]| (Figure 4)
+            abs((next(values) if v is None else v) / w.numel())
+            for w, v in zip(weights, w_sums, strict=True)
+        )
         record = {"score": score, "weight_mean_abs_sum": wsum_value, "layers": layers}
         self.history.append(record)
         return record

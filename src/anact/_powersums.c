@@ -1,0 +1,201 @@
+/* anact._powersums: one-pass power sums of float32 CPU tensors for the training monitor.
+ *
+ * ConvergenceMonitor needs, for every plain activation layer and every step,
+ * Σx, Σx², Σy, Σy² of the layer's input x and output y and Σδ'(x)², the last taken
+ * from y where the activation allows it (ReLU: 1[y > 0], tanh: 1 − y², ...). Eager
+ * PyTorch spends one call and one pass over memory per sum (and a written temporary
+ * for δ'); this module reads x and y once, in one call, with the GIL released.
+ *
+ * Accuracy: float32 SIMD accumulators over blocks of BLOCK elements (at most
+ * BLOCK / lanes sequential additions per lane), block totals added in double:
+ * relative error ~1e-7; ReLU's and LeakyReLU's δ'² come from exact counts.
+ *
+ * The Python wrapper (anact.analysis.monitors) passes data pointers of contiguous
+ * float32 CPU tensors it has checked; this module trusts them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 512
+#define SWISH_TINY 1e-20f /* must match _SWISH_TINY in anact/analysis/monitors.py */
+
+/* where Σδ'² comes from: must match DSQ_* in anact/analysis/monitors.py */
+enum {
+    DSQ_NONE = 0,     /* no δ'                                                  */
+    DSQ_RELU_Y = 1,   /* ReLU from y ≥ 0: δ' = 1[y > 0]                          */
+    DSQ_LRELU_Y = 2,  /* LeakyReLU (slope a = p0 > 0) from y: 1 (y > 0), a (y ≤ 0) */
+    DSQ_TANH_Y = 3,   /* δ' = 1 − y²                                             */
+    DSQ_SIGMOID_Y = 4,/* δ' = y(1 − y)                                           */
+    DSQ_ELU_Y = 5,    /* ELU/SELU (α = p0, scale = p1): scale (y > 0), y + scale·α */
+    DSQ_SWISH_XY = 6, /* σ = y/x (1/2 for |x| < 1e-20), δ' = σ + y(1 − σ)          */
+    DSQ_RELU_X = 7,   /* ReLU from x: δ' = 1[x > 0]                               */
+    DSQ_LRELU_X = 8,  /* LeakyReLU from x: 1 (x > 0), a = p0 (x ≤ 0)              */
+    DSQ_KINDS = 9
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+/* the five sums of one block (n ≤ BLOCK) in float32 (an absent x or y reads zeros) */
+#define BLOCK_LOOP(G_EXPR)                                                        \
+    for (Py_ssize_t i = 0; i < n; i++) {                                          \
+        const float xv = x[i];                                                    \
+        const float yv = y[i];                                                    \
+        const float g = (G_EXPR);                                                 \
+        sx += xv;                                                                 \
+        sxx += xv * xv;                                                           \
+        sy += yv;                                                                 \
+        syy += yv * yv;                                                           \
+        sg += g * g;                                                              \
+    }
+
+MULTIVERSION
+static void block_sums(const float *restrict x, const float *restrict y, Py_ssize_t n,
+                       int kind, float p0, float p1, double acc[5]) {
+    float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
+    switch (kind) {
+    case DSQ_RELU_Y: {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(yv > 0.0f ? 1.0f : 0.0f)
+        break;
+    }
+    case DSQ_LRELU_Y: { /* counts y > 0; power_sums adds a²·(the rest) in double */
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(yv > 0.0f ? 1.0f : 0.0f)
+        break;
+    }
+    case DSQ_TANH_Y: {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(1.0f - yv * yv)
+        break;
+    }
+    case DSQ_SIGMOID_Y: {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(yv * (1.0f - yv))
+        break;
+    }
+    case DSQ_ELU_Y: {
+        const float neg = p1 * p0;
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(yv > 0.0f ? p1 : yv + neg)
+        break;
+    }
+    case DSQ_SWISH_XY: {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = x[i], yv = y[i];
+            /* σ(x) = 1/2 to float32 precision for |x| < 1e-20, where y/x would be 0/0 or
+             * lose the subnormal y's precision; NaN (inf/inf) → 1/2 like the torch twin */
+            float s = fabsf(xv) < SWISH_TINY ? 0.5f : yv / xv;
+            s = (s != s) ? 0.5f : s;
+            const float g = s + yv * (1.0f - s);
+            sx += xv;
+            sxx += xv * xv;
+            sy += yv;
+            syy += yv * yv;
+            sg += g * g;
+        }
+        break;
+    }
+    case DSQ_RELU_X: {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(xv > 0.0f ? 1.0f : 0.0f)
+        break;
+    }
+    case DSQ_LRELU_X: { /* counts x > 0, as DSQ_LRELU_Y */
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        BLOCK_LOOP(xv > 0.0f ? 1.0f : 0.0f)
+        break;
+    }
+    default: { /* DSQ_NONE */
+#pragma omp simd reduction(+ : sx, sxx, sy, syy)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = x[i], yv = y[i];
+            sx += xv;
+            sxx += xv * xv;
+            sy += yv;
+            syy += yv * yv;
+        }
+        break;
+    }
+    }
+    acc[0] += sx;
+    acc[1] += sxx;
+    acc[2] += sy;
+    acc[3] += syy;
+    acc[4] += sg;
+}
+
+static const float zeros[BLOCK]; /* what an absent x or y reads: branch-free loops */
+
+static void power_sums_impl(const float *x, const float *y, Py_ssize_t n, int kind,
+                            float p0, float p1, double acc[5]) {
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        const Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;
+        block_sums(x ? x + start : zeros, y ? y + start : zeros, len, kind, p0, p1, acc);
+    }
+}
+
+static int needs_x(int kind) { return kind >= DSQ_SWISH_XY; }
+
+static int needs_y(int kind) { return kind >= DSQ_RELU_Y && kind <= DSQ_SWISH_XY; }
+
+PyDoc_STRVAR(power_sums_doc,
+"power_sums(x_ptr, y_ptr, n, kind, p0, p1) -> (Σx, Σx², Σy, Σy², Σδ'²)\n\n"
+"Sums over n float32 elements at the data pointers x_ptr and y_ptr (0: absent,\n"
+"its sums are 0). kind picks δ' (see DSQ_* in anact.analysis.monitors); p0, p1\n"
+"are its parameters. Private: the caller guarantees contiguous float32 memory.");
+
+static PyObject *power_sums(PyObject *self, PyObject *args) {
+    unsigned long long xp, yp;
+    Py_ssize_t n;
+    int kind;
+    double p0, p1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnidd:power_sums", &xp, &yp, &n, &kind, &p0, &p1))
+        return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "power_sums: n must be >= 0, got %zd", n);
+        return NULL;
+    }
+    if (kind < 0 || kind >= DSQ_KINDS) {
+        PyErr_Format(PyExc_ValueError, "power_sums: unknown kind %d", kind);
+        return NULL;
+    }
+    if (n > 0 && ((needs_x(kind) && !xp) || (needs_y(kind) && !yp))) {
+        PyErr_Format(PyExc_ValueError, "power_sums: kind %d needs %s", kind,
+                     needs_x(kind) && !xp ? "x" : "y");
+        return NULL;
+    }
+    const float *x = (const float *)(uintptr_t)xp;
+    const float *y = (const float *)(uintptr_t)yp;
+    double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    if (n >= 65536) { /* long enough to let other Python threads (data loaders) run */
+        Py_BEGIN_ALLOW_THREADS
+        power_sums_impl(x, y, n, kind, (float)p0, (float)p1, acc);
+        Py_END_ALLOW_THREADS
+    } else {
+        power_sums_impl(x, y, n, kind, (float)p0, (float)p1, acc);
+    }
+    if (kind == DSQ_LRELU_Y || kind == DSQ_LRELU_X) /* δ'² = 1 (counted) or a² (the rest) */
+        acc[4] += p0 * p0 * ((double)n - acc[4]);
+    return Py_BuildValue("(ddddd)", acc[0], acc[1], acc[2], acc[3], acc[4]);
+}
+
+static PyMethodDef methods[] = {
+    {"power_sums", power_sums, METH_VARARGS, power_sums_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "anact._powersums",
+    "One-pass power sums of float32 CPU tensors (private; see anact.analysis.monitors).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__powersums(void) { return PyModule_Create(&module); }
