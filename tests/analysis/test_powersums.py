@@ -23,6 +23,13 @@ pytestmark = pytest.mark.skipif(
 _SELU_ALPHA, _SELU_SCALE = M._SELU
 
 
+def test_the_c_extension_is_built():
+    assert M._c_power_sums is not None, (
+        "anact._powersums was not built at install: install a C compiler (apt-get install "
+        "gcc) and reinstall the package, or set ANACT_ALLOW_NO_C=1 to test without it"
+    )
+
+
 def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
