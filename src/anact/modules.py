@@ -449,7 +449,7 @@ class _LayerAct(nn.Module):
                 f"LayerAct normalizes each sample over its non-batch dimensions; expected an "
                 f"input of shape (N, ...) with at least 2 dimensions, got {tuple(x.shape)}"
             )
-        return _LayerActFn.apply(x, self._gate, self.eps)
+        return AF.apply_function(_LayerActFn, x, self._gate, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

@@ -578,3 +578,20 @@ def test_large_activations_use_fresh_buffers_and_the_same_numbers(monkeypatch, s
     for name in records[0]:
         for key in ("rho", "rho_prime", "in_var", "out_var"):
             np.testing.assert_allclose(records[1][name][key], records[0][name][key], rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_features", [None, 3])
+def test_the_scale_finished_on_the_host_is_the_layers_scale(num_features):
+    # a normalized layer with running statistics hands over ρ, ρ', α; step() computes
+    # c = λ + β·tanh α in float64: the layer's scale(), ρ and ρ' floored at its eps
+    m = anact.NReLU(num_features=num_features, channel_dim=1 if num_features else None, beta=0.7)
+    shape = m.running_rho.shape
+    with torch.no_grad():
+        m.running_rho.copy_(torch.tensor([0.5, 1e-9, 2.0][: max(1, shape.numel())]).reshape(shape))
+        m.running_rho_prime.copy_(torch.tensor([0.3, 0.8, 0.0][: max(1, shape.numel())])
+                                  .reshape(shape))
+        m.alpha.copy_(torch.tensor([0.4, -1.2, 3.0][: max(1, shape.numel())]).reshape(shape))
+    args = [t.detach().double().numpy() if num_features else float(t)
+            for t in (m.running_rho, m.running_rho_prime, m.alpha)]
+    got = M._running_scale(*args, m.eps, m.beta)
+    np.testing.assert_allclose(got, m.scale().detach().double().numpy(), rtol=1e-6)

@@ -456,6 +456,19 @@ class _Layer:
         (no pass over the data): its count, mean and variance of x and δ(x), E[δ'²],
         with the scale c and shift of y = c·(δ − shift); () or (C,) each."""
         m = self.module
+        if m.track_running_stats:
+            # c = λ(running ρ, ρ') + β·tanh α and the shift (running μ) are finished on the
+            # host at step(); here one copy of the values this forward used (the next
+            # forward and optimizer.step() change them in place)
+            parts = [*moments, m.running_rho, m.running_rho_prime, m.alpha]
+            if m.center:
+                parts.append(m.running_mean)
+            dtype = moments.mean_x.dtype
+            if any(t.dtype is not dtype for t in parts[6:]):
+                parts = [t.to(dtype) for t in parts]
+            vec = torch.stack(parts)
+            return _Record("running", vec.reshape(-1), float(moments.count.numel()),
+                           (m.eps, m.beta, bool(m.center)))  # fmt: skip
         c = self.scale(None, None, moments)
         if not m.center:
             shift = torch.zeros_like(moments.mean_y)
@@ -607,7 +620,9 @@ class _Record:
 
     ``kind`` "sums": ``vec`` = [Σx, Σx², Σy, Σy², Σδ'²] of ``n`` elements, the scale
     ``c`` (() tensor, float or None) applied after the sync; "floats": the same as a
-    list of Python floats (the C sums of a CPU layer); "moments": ``vec`` =
+    list of Python floats (the C sums of a CPU layer); "running": the layer's
+    BatchMoments, then its running ρ, ρ', its α (and running μ), (C,) each, ``c`` =
+    (eps, β, center) of a normalized layer with running statistics; "moments": ``vec`` =
     :data:`_MOMENTS` for ``n`` channels (the layer's own statistics); "full": ``vec``
     = :data:`_FULL`.
     """
@@ -615,7 +630,8 @@ class _Record:
     __slots__ = ("kind", "vec", "n", "c")
 
     def __init__(
-        self, kind: str, vec: Tensor | list[float], n: float, c: Tensor | float | None
+        self, kind: str, vec: Tensor | list[float], n: float,
+        c: Tensor | float | tuple[float | None, float, bool] | None,
     ) -> None:
         self.kind, self.vec, self.n, self.c = kind, vec, n, c
 
@@ -650,6 +666,30 @@ def _from_moments(v: list[float], width: int) -> dict[str, float]:
     }  # fmt: skip
 
 
+def _running_scale(rho: Any, rho_prime: Any, alpha: Any, eps: float | None, beta: float) -> Any:
+    """c = λ(ρ, ρ') + β·tanh α (eq. 13, 15) in float64 from the running ρ, ρ' and α, as
+    the layer's ``scale()`` computes it (ρ, ρ' floored at ``eps``): floats or arrays."""
+    if isinstance(rho, float):
+        return AF.lambda_factor(rho, rho_prime, eps) + beta * math.tanh(alpha)
+    if eps is not None:  # NaN stays NaN, as clamp_min
+        rho, rho_prime = np.where(rho < eps, eps, rho), np.where(rho_prime < eps, eps, rho_prime)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt((rho + rho_prime) / (2 * rho * rho_prime)) + beta * np.tanh(alpha)
+
+
+def _from_running(v: list[float], width: int, eps: float | None, beta: float, center: bool
+                  ) -> dict[str, float]:  # fmt: skip
+    """:data:`_FULL` of one pass of a normalized layer with running statistics from its
+    moments and the running ρ, ρ', α (and μ if ``center``) its forward used."""
+    if width == 1:
+        c = _running_scale(*v[6:9], eps, beta)
+        return _from_moments([*v[:6], c, v[9] if center else 0.0], 1)
+    a = np.asarray(v, dtype=np.float64).reshape(10 if center else 9, width)
+    c = _running_scale(a[6], a[7], a[8], eps, beta)
+    shift = a[9] if center else np.zeros(width)
+    return _from_moments(np.concatenate([a[:6].reshape(-1), c, shift]).tolist(), width)
+
+
 def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
     """Pooled :data:`_FULL` of a step's forward passes; ``values`` yields, per record,
     its ``vec`` then its ``c`` (if a tensor), as floats."""
@@ -660,6 +700,8 @@ def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
             s = dict(zip(_FULL, v, strict=True))
         elif r.kind == "moments":
             s = _from_moments(v, int(r.n))
+        elif r.kind == "running":
+            s = _from_running(v, int(r.n), *r.c)
         else:
             c = next(values) if isinstance(r.c, Tensor) else r.c  # "sums", "floats"
             c2 = 1.0 if c is None else c * c
@@ -842,7 +884,7 @@ class ConvergenceMonitor:
             for r in layer.pending[call]:
                 if r.kind != "floats":
                     tensors.append(r.vec)
-                if isinstance(r.c, Tensor):
+                if r.kind != "running" and isinstance(r.c, Tensor):
                     tensors.append(r.c.reshape(1))
         weights = _weights(self.model, self._weight_layers)
         # Σ W_i, divided by the count on the host: by the C sums where they can read W_i

@@ -353,4 +353,6 @@ def dispatch(
     scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
     if callable(save_output):
         save_output = save_output(scale)
-    return fused.FusedNormalizedActivationFn.apply(x, scale, shift, act, cd, runner, save_output)
+    return AF.apply_function(
+        fused.FusedNormalizedActivationFn, x, scale, shift, act, cd, runner, save_output
+    )
