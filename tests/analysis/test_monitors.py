@@ -591,7 +591,7 @@ def test_the_scale_finished_on_the_host_is_the_layers_scale(num_features):
         m.running_rho_prime.copy_(torch.tensor([0.3, 0.8, 0.0][: max(1, shape.numel())])
                                   .reshape(shape))
         m.alpha.copy_(torch.tensor([0.4, -1.2, 3.0][: max(1, shape.numel())]).reshape(shape))
-    args = [t.detach().double().numpy() if num_features else float(t)
+    args = [t.detach().double().numpy() if num_features else float(t.detach())
             for t in (m.running_rho, m.running_rho_prime, m.alpha)]
     got = M._running_scale(*args, m.eps, m.beta)
     np.testing.assert_allclose(got, m.scale().detach().double().numpy(), rtol=1e-6)
