@@ -1,4 +1,5 @@
-/* anact._powersums: one-pass power sums of float32 CPU tensors for the training monitor.
+/* anact._powersums: one-pass power sums of float32 CPU tensors (the training monitor, and
+ * the eager batch statistics of a normalized activation on CPU).
  *
  * ConvergenceMonitor needs, for every plain activation layer and every step,
  * Σx, Σx², Σy, Σy² of the layer's input x and output y and Σδ'(x)², the last taken
@@ -47,16 +48,17 @@ enum {
         const float xv = x[i];                                                    \
         const float yv = y[i];                                                    \
         const float g = (G_EXPR);                                                 \
-        sx += xv;                                                                 \
-        sxx += xv * xv;                                                           \
-        sy += yv;                                                                 \
-        syy += yv * yv;                                                           \
+        const float xc = xv - kx, yc = yv - ky;                                   \
+        sx += xc;                                                                 \
+        sxx += xc * xc;                                                           \
+        sy += yc;                                                                 \
+        syy += yc * yc;                                                           \
         sg += g * g;                                                              \
     }
 
 MULTIVERSION
 static void block_sums(const float *restrict x, const float *restrict y, Py_ssize_t n,
-                       int kind, float p0, float p1, double acc[5]) {
+                       int kind, float p0, float p1, float kx, float ky, double acc[5]) {
     float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
     switch (kind) {
     case DSQ_RELU_Y: {
@@ -94,10 +96,11 @@ static void block_sums(const float *restrict x, const float *restrict y, Py_ssiz
             float s = fabsf(xv) < SWISH_TINY ? 0.5f : yv / xv;
             s = (s != s) ? 0.5f : s;
             const float g = s + yv * (1.0f - s);
-            sx += xv;
-            sxx += xv * xv;
-            sy += yv;
-            syy += yv * yv;
+            const float xc = xv - kx, yc = yv - ky;
+            sx += xc;
+            sxx += xc * xc;
+            sy += yc;
+            syy += yc * yc;
             sg += g * g;
         }
         break;
@@ -115,11 +118,11 @@ static void block_sums(const float *restrict x, const float *restrict y, Py_ssiz
     default: { /* DSQ_NONE */
 #pragma omp simd reduction(+ : sx, sxx, sy, syy)
         for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = x[i], yv = y[i];
-            sx += xv;
-            sxx += xv * xv;
-            sy += yv;
-            syy += yv * yv;
+            const float xc = x[i] - kx, yc = y[i] - ky;
+            sx += xc;
+            sxx += xc * xc;
+            sy += yc;
+            syy += yc * yc;
         }
         break;
     }
@@ -134,10 +137,11 @@ static void block_sums(const float *restrict x, const float *restrict y, Py_ssiz
 static const float zeros[BLOCK]; /* what an absent x or y reads: branch-free loops */
 
 static void power_sums_impl(const float *x, const float *y, Py_ssize_t n, int kind,
-                            float p0, float p1, double acc[5]) {
+                            float p0, float p1, float kx, float ky, double acc[5]) {
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         const Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;
-        block_sums(x ? x + start : zeros, y ? y + start : zeros, len, kind, p0, p1, acc);
+        block_sums(x ? x + start : zeros, y ? y + start : zeros, len, kind, p0, p1, kx, ky,
+                   acc);
     }
 }
 
@@ -146,10 +150,13 @@ static int needs_x(int kind) { return kind >= DSQ_SWISH_XY; }
 static int needs_y(int kind) { return kind >= DSQ_RELU_Y && kind <= DSQ_SWISH_XY; }
 
 PyDoc_STRVAR(power_sums_doc,
-"power_sums(x_ptr, y_ptr, n, kind, p0, p1) -> (Σx, Σx², Σy, Σy², Σδ'²)\n\n"
+"power_sums(x_ptr, y_ptr, n, kind, p0, p1, shifted)\n"
+"    -> (Σ(x-kx), Σ(x-kx)², Σ(y-ky), Σ(y-ky)², Σδ'², kx, ky)\n\n"
 "Sums over n float32 elements at the data pointers x_ptr and y_ptr (0: absent,\n"
 "its sums are 0). kind picks δ' (see DSQ_* in anact.analysis.monitors); p0, p1\n"
-"are its parameters. Private: the caller guarantees contiguous float32 memory.");
+"are its parameters. shifted=0: kx = ky = 0; shifted=1: kx = x[0], ky = y[0], so\n"
+"that variances from the sums do not cancel when the mean is large against the\n"
+"spread. Private: the caller guarantees contiguous float32 memory.");
 
 static PyObject *power_sums(PyObject *self, PyObject *args) {
     unsigned long long xp, yp;
@@ -157,7 +164,9 @@ static PyObject *power_sums(PyObject *self, PyObject *args) {
     int kind;
     double p0, p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnidd:power_sums", &xp, &yp, &n, &kind, &p0, &p1))
+    int shifted = 0;
+    if (!PyArg_ParseTuple(args, "KKnidd|p:power_sums", &xp, &yp, &n, &kind, &p0, &p1,
+                          &shifted))
         return NULL;
     if (n < 0) {
         PyErr_Format(PyExc_ValueError, "power_sums: n must be >= 0, got %zd", n);
@@ -175,16 +184,19 @@ static PyObject *power_sums(PyObject *self, PyObject *args) {
     const float *x = (const float *)(uintptr_t)xp;
     const float *y = (const float *)(uintptr_t)yp;
     double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    const float kx = shifted && x && n > 0 ? x[0] : 0.0f;
+    const float ky = shifted && y && n > 0 ? y[0] : 0.0f;
     if (n >= 65536) { /* long enough to let other Python threads (data loaders) run */
         Py_BEGIN_ALLOW_THREADS
-        power_sums_impl(x, y, n, kind, (float)p0, (float)p1, acc);
+        power_sums_impl(x, y, n, kind, (float)p0, (float)p1, kx, ky, acc);
         Py_END_ALLOW_THREADS
     } else {
-        power_sums_impl(x, y, n, kind, (float)p0, (float)p1, acc);
+        power_sums_impl(x, y, n, kind, (float)p0, (float)p1, kx, ky, acc);
     }
     if (kind == DSQ_LRELU_Y || kind == DSQ_LRELU_X) /* δ'² = 1 (counted) or a² (the rest) */
         acc[4] += p0 * p0 * ((double)n - acc[4]);
-    return Py_BuildValue("(ddddd)", acc[0], acc[1], acc[2], acc[3], acc[4]);
+    return Py_BuildValue("(ddddddd)", acc[0], acc[1], acc[2], acc[3], acc[4], (double)kx,
+                         (double)ky);
 }
 
 static PyMethodDef methods[] = {

@@ -109,7 +109,7 @@ def test_c_sums_of_the_derivative_from_the_input_are_exact_counts(name):
 def test_c_sums_accuracy_over_millions_of_elements():
     # float32 block sums, double across blocks: far better than one float32 dot
     x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    sx, sxx, *_ = M._c_sums(x, None, M._DSQ_NONE, (0.0, 0.0))
+    sx, sxx, *_ = M._c_sums(x, None, M.DSQ_NONE, (0.0, 0.0))
     xd = x.double()
     assert sx == pytest.approx(float(xd.sum()), rel=1e-7, abs=1e-3)
     assert sxx == pytest.approx(float((xd * xd).sum()), rel=1e-7)
@@ -119,14 +119,14 @@ def test_c_sums_reject_bad_arguments():
     f = M._c_power_sums
     x = torch.ones(4)
     with pytest.raises(ValueError, match="n must be >= 0"):
-        f(x.data_ptr(), 0, -1, M._DSQ_NONE, 0.0, 0.0)
+        f(x.data_ptr(), 0, -1, M.DSQ_NONE, 0.0, 0.0)
     with pytest.raises(ValueError, match="unknown kind"):
         f(x.data_ptr(), 0, 4, 99, 0.0, 0.0)
     with pytest.raises(ValueError, match="needs y"):
-        f(x.data_ptr(), 0, 4, M._DSQ_TANH_Y, 0.0, 0.0)
+        f(x.data_ptr(), 0, 4, M.DSQ_TANH_Y, 0.0, 0.0)
     with pytest.raises(ValueError, match="needs x"):
-        f(0, x.data_ptr(), 4, M._DSQ_SWISH_XY, 0.0, 0.0)
-    assert f(0, 0, 0, M._DSQ_NONE, 0.0, 0.0) == (0.0, 0.0, 0.0, 0.0, 0.0)
+        f(0, x.data_ptr(), 4, M.DSQ_SWISH_XY, 0.0, 0.0)
+    assert f(0, 0, 0, M.DSQ_NONE, 0.0, 0.0) == (0.0,) * 7
 
 
 def test_only_contiguous_float32_cpu_tensors_are_handed_to_the_c_sums():

@@ -53,13 +53,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from anact import _native
 from anact import functional as AF
+from anact._native import (
+    DSQ_ELU_Y,
+    DSQ_LRELU_X,
+    DSQ_LRELU_Y,
+    DSQ_NONE,
+    DSQ_RELU_X,
+    DSQ_RELU_Y,
+    DSQ_SIGMOID_Y,
+    DSQ_SWISH_XY,
+    DSQ_TANH_Y,
+)
 from anact.activations import Activation, get_activation
 
-try:  # the one-pass C power sums, built with the package where a C compiler exists
-    from anact._powersums import power_sums as _c_power_sums
-except ImportError:  # pragma: no cover - installed without a compiler: PyTorch fallback
-    _c_power_sums = None
+# the one-pass C power sums, built with the package where a C compiler exists (else None:
+# torch ops); a module attribute of its own so that tests can take the torch path
+_c_power_sums = _native.power_sums
 
 __all__ = [
     "ConvergenceMonitor",
@@ -333,16 +344,14 @@ def _out_shortcut_for(act: Activation, have_x: bool) -> _OutProducer | None:
     return prime
 
 
-# δ' sources of the C power sums (DSQ_* in anact/_powersums.c); each is the C twin of
-# a shortcut above, used only where that shortcut passed the registry check
-(_DSQ_NONE, _DSQ_RELU_Y, _DSQ_LRELU_Y, _DSQ_TANH_Y, _DSQ_SIGMOID_Y, _DSQ_ELU_Y,
- _DSQ_SWISH_XY, _DSQ_RELU_X, _DSQ_LRELU_X) = range(9)  # fmt: skip
+# δ' sources of the C power sums (anact._native); each is the C twin of a shortcut
+# above, used only where that shortcut passed the registry check
 
 _C_OUT_KINDS: dict[_OutProducer, int] = {
-    _relu_out: _DSQ_RELU_Y, _lrelu_out: _DSQ_LRELU_Y, _tanh_out: _DSQ_TANH_Y,
-    _sigmoid_out: _DSQ_SIGMOID_Y, _elu_out: _DSQ_ELU_Y, _swish_out: _DSQ_SWISH_XY,
+    _relu_out: DSQ_RELU_Y, _lrelu_out: DSQ_LRELU_Y, _tanh_out: DSQ_TANH_Y,
+    _sigmoid_out: DSQ_SIGMOID_Y, _elu_out: DSQ_ELU_Y, _swish_out: DSQ_SWISH_XY,
 }  # fmt: skip
-_C_IN_KINDS: dict[_Producer, int] = {_relu_prime: _DSQ_RELU_X, _lrelu_prime: _DSQ_LRELU_X}
+_C_IN_KINDS: dict[_Producer, int] = {_relu_prime: DSQ_RELU_X, _lrelu_prime: DSQ_LRELU_X}
 
 
 def _c_params(act: Activation) -> tuple[float, float]:
@@ -354,9 +363,7 @@ def _c_params(act: Activation) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def _c_readable(t: Tensor) -> bool:
-    """Whether the C sums may read ``t``: contiguous float32 in CPU memory."""
-    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+_c_readable = _native.readable
 
 
 def _c_sums(x: Tensor | None, y: Tensor | None, kind: int, params: tuple[float, float]
@@ -365,7 +372,7 @@ def _c_sums(x: Tensor | None, y: Tensor | None, kind: int, params: tuple[float, 
     checked with :func:`_c_readable` (None: absent, its sums 0; equal sizes)."""
     n = (x if x is not None else y).numel()
     return _c_power_sums(0 if x is None else x.data_ptr(), 0 if y is None else y.data_ptr(),
-                         n, kind, *params)
+                         n, kind, *params)[:5]
 
 
 def _out_dsq_sum(xf: Tensor, yf: Tensor, act: Activation, prime: _OutProducer,
@@ -408,12 +415,12 @@ class _Layer:
         # it from there, else from the input (ReLU, LeakyReLU), else none (δ' by torch)
         self.c_kind = (
             _C_OUT_KINDS[self.out_prime] if self.out_prime is not None
-            else _C_IN_KINDS.get(self.prime, _DSQ_NONE)
+            else _C_IN_KINDS.get(self.prime, DSQ_NONE)
         )
         self.c_params = _c_params(act)
         # the hook's direct path: one C call, scale a constant (plain: 1, GPN: a)
         self.c_direct = (
-            _c_power_sums is not None and self.kind != "normalized" and self.c_kind != _DSQ_NONE
+            _c_power_sums is not None and self.kind != "normalized" and self.c_kind != DSQ_NONE
         )
         self.calls = 0
         self._pre_sums: list[Tensor] | list[float] | None = None
@@ -484,11 +491,11 @@ class _Layer:
         """[Σx, Σx²] and, unless the output gives it, Σδ'(x)² of a flat float32 x
         (floats from the C sums where they can read x, else tensors on x's device)."""
         if _c_power_sums is not None and _c_readable(xf):
-            kind = self.c_kind if self.out_prime is None else _DSQ_NONE
+            kind = self.c_kind if self.out_prime is None else DSQ_NONE
             sx, sxx, _, _, sg = _c_sums(xf, None, kind, self.c_params)
             if self.out_prime is not None:
                 return [sx, sxx]
-            return [sx, sxx, sg if kind != _DSQ_NONE else self._torch_dsq(xf, buf)]
+            return [sx, sxx, sg if kind != DSQ_NONE else self._torch_dsq(xf, buf)]
         return self._torch_x_sums(xf, buf)
 
     def _torch_x_sums(self, xf: Tensor, buf: Tensor | None) -> list[Tensor]:
@@ -510,7 +517,7 @@ class _Layer:
         b = None if buf is None else buf[: xf.numel()]
         g = self.prime(xf, self.act, b) if self.prime is not None else self.act.derivative(xf)
         g = g.float().contiguous()
-        return _c_sums(g, None, _DSQ_NONE, self.c_params)[1]
+        return _c_sums(g, None, DSQ_NONE, self.c_params)[1]
 
     def _c_record_sums(
         self, xf: Tensor, yf: Tensor, pre: list[float] | None, buf: Tensor | None
@@ -518,11 +525,11 @@ class _Layer:
         """[Σx, Σx², Σy, Σy², Σδ'²] of C-readable flat x and y of one size: one pass over
         both, or over y alone after an in-place layer's :meth:`x_sums` (``pre``)."""
         if pre is not None:  # x is gone: its sums (and δ' from x) were taken before
-            kind = self.c_kind if self.out_prime is not None else _DSQ_NONE
+            kind = self.c_kind if self.out_prime is not None else DSQ_NONE
             _, _, sy, syy, sg = _c_sums(None, yf, kind, self.c_params)
             return [pre[0], pre[1], sy, syy, sg if self.out_prime is not None else pre[2]]
         sx, sxx, sy, syy, sg = _c_sums(xf, yf, self.c_kind, self.c_params)
-        if self.c_kind == _DSQ_NONE:
+        if self.c_kind == DSQ_NONE:
             sg = self._torch_dsq(xf, buf)
         return [sx, sxx, sy, syy, sg]
 
@@ -890,7 +897,7 @@ class ConvergenceMonitor:
         # Σ W_i, divided by the count on the host: by the C sums where they can read W_i
         # (None here), else float32 sums on W_i's device, synchronised with the rest
         w_sums: list[float | None] = [
-            _c_sums(w, None, _DSQ_NONE, (0.0, 0.0))[0]
+            _c_sums(w, None, DSQ_NONE, (0.0, 0.0))[0]
             if _c_power_sums is not None and _c_readable(w) else None
             for w in weights
         ]  # fmt: skip

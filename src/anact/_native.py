@@ -1,0 +1,26 @@
+"""The optional C power sums (``anact._powersums``) and their δ' kinds.
+
+Shared by the eager statistics of a normalized activation on CPU
+(:func:`anact.functional.batch_moments`) and the training monitor. ``power_sums``
+is None where the package was installed without a C compiler; callers then use
+torch ops (same numbers, more passes over memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from anact._powersums import power_sums
+except ImportError:  # pragma: no cover - installed without a C compiler
+    power_sums = None
+
+# where Σδ'² comes from: DSQ_* in _powersums.c
+(DSQ_NONE, DSQ_RELU_Y, DSQ_LRELU_Y, DSQ_TANH_Y, DSQ_SIGMOID_Y, DSQ_ELU_Y,
+ DSQ_SWISH_XY, DSQ_RELU_X, DSQ_LRELU_X) = range(9)  # fmt: skip
+
+
+def readable(t: Tensor) -> bool:
+    """Whether the C sums may read ``t``: contiguous float32 in CPU memory."""
+    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
