@@ -16,9 +16,9 @@ try:
 except ImportError:  # pragma: no cover - installed without a C compiler
     power_sums = None
 
-# where Σδ'² comes from: DSQ_* in _powersums.c
-(DSQ_NONE, DSQ_RELU_Y, DSQ_LRELU_Y, DSQ_TANH_Y, DSQ_SIGMOID_Y, DSQ_ELU_Y,
- DSQ_SWISH_XY, DSQ_RELU_X, DSQ_LRELU_X) = range(9)  # fmt: skip
+# where Σδ'² comes from: DSQ_* in _powersums.c. The sign kinds weight a count of
+# y > 0 (x > 0) by p0² and the rest by p1² (δ' = p0 there, p1 elsewhere: ReLU 1, 0).
+DSQ_NONE, DSQ_SIGN_Y, DSQ_TANH_Y, DSQ_SIGMOID_Y, DSQ_ELU_Y, DSQ_SWISH_XY, DSQ_SIGN_X = range(7)
 
 
 def readable(t: Tensor) -> bool:

@@ -22,18 +22,17 @@
 #define BLOCK 512
 #define SWISH_TINY 1e-20f /* must match _SWISH_TINY in anact/analysis/monitors.py */
 
-/* where Σδ'² comes from: must match DSQ_* in anact/analysis/monitors.py */
+/* where Σδ'² comes from: must match DSQ_* in anact/_native.py */
 enum {
-    DSQ_NONE = 0,     /* no δ'                                                  */
-    DSQ_RELU_Y = 1,   /* ReLU from y ≥ 0: δ' = 1[y > 0]                          */
-    DSQ_LRELU_Y = 2,  /* LeakyReLU (slope a = p0 > 0) from y: 1 (y > 0), a (y ≤ 0) */
-    DSQ_TANH_Y = 3,   /* δ' = 1 − y²                                             */
-    DSQ_SIGMOID_Y = 4,/* δ' = y(1 − y)                                           */
-    DSQ_ELU_Y = 5,    /* ELU/SELU (α = p0, scale = p1): scale (y > 0), y + scale·α */
-    DSQ_SWISH_XY = 6, /* σ = y/x (1/2 for |x| < 1e-20), δ' = σ + y(1 − σ)          */
-    DSQ_RELU_X = 7,   /* ReLU from x: δ' = 1[x > 0]                               */
-    DSQ_LRELU_X = 8,  /* LeakyReLU from x: 1 (x > 0), a = p0 (x ≤ 0)              */
-    DSQ_KINDS = 9
+    DSQ_NONE = 0,      /* no δ'                                                       */
+    DSQ_SIGN_Y = 1,    /* δ' = p0 where y > 0, p1 elsewhere (ReLU: 1, 0; LeakyReLU, slope
+                          a ≥ 0: 1, a): counts y > 0, adds p0²·count + p1²·rest in double */
+    DSQ_TANH_Y = 2,    /* δ' = 1 − y²                                                  */
+    DSQ_SIGMOID_Y = 3, /* δ' = y(1 − y)                                                */
+    DSQ_ELU_Y = 4,     /* ELU/SELU (α = p0, scale = p1): scale (y > 0), y + scale·α      */
+    DSQ_SWISH_XY = 5,  /* σ = y/x (1/2 for |x| < 1e-20), δ' = σ + y(1 − σ)             */
+    DSQ_SIGN_X = 6,    /* δ' = p0 where x > 0, p1 elsewhere, as DSQ_SIGN_Y               */
+    DSQ_KINDS = 7
 };
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
@@ -61,12 +60,7 @@ static void block_sums(const float *restrict x, const float *restrict y, Py_ssiz
                        int kind, float p0, float p1, float kx, float ky, double acc[5]) {
     float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
     switch (kind) {
-    case DSQ_RELU_Y: {
-#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
-        BLOCK_LOOP(yv > 0.0f ? 1.0f : 0.0f)
-        break;
-    }
-    case DSQ_LRELU_Y: { /* counts y > 0; power_sums adds a²·(the rest) in double */
+    case DSQ_SIGN_Y: { /* the count of y > 0 (power_sums weights it by p0², p1²) */
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
         BLOCK_LOOP(yv > 0.0f ? 1.0f : 0.0f)
         break;
@@ -105,12 +99,7 @@ static void block_sums(const float *restrict x, const float *restrict y, Py_ssiz
         }
         break;
     }
-    case DSQ_RELU_X: {
-#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
-        BLOCK_LOOP(xv > 0.0f ? 1.0f : 0.0f)
-        break;
-    }
-    case DSQ_LRELU_X: { /* counts x > 0, as DSQ_LRELU_Y */
+    case DSQ_SIGN_X: { /* the count of x > 0, as DSQ_SIGN_Y */
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
         BLOCK_LOOP(xv > 0.0f ? 1.0f : 0.0f)
         break;
@@ -147,13 +136,13 @@ static void power_sums_impl(const float *x, const float *y, Py_ssize_t n, int ki
 
 static int needs_x(int kind) { return kind >= DSQ_SWISH_XY; }
 
-static int needs_y(int kind) { return kind >= DSQ_RELU_Y && kind <= DSQ_SWISH_XY; }
+static int needs_y(int kind) { return kind >= DSQ_SIGN_Y && kind <= DSQ_SWISH_XY; }
 
 PyDoc_STRVAR(power_sums_doc,
 "power_sums(x_ptr, y_ptr, n, kind, p0, p1, shifted)\n"
 "    -> (Σ(x-kx), Σ(x-kx)², Σ(y-ky), Σ(y-ky)², Σδ'², kx, ky)\n\n"
 "Sums over n float32 elements at the data pointers x_ptr and y_ptr (0: absent,\n"
-"its sums are 0). kind picks δ' (see DSQ_* in anact.analysis.monitors); p0, p1\n"
+"its sums are 0). kind picks δ' (see DSQ_* in anact._native); p0, p1\n"
 "are its parameters. shifted=0: kx = ky = 0; shifted=1: kx = x[0], ky = y[0], so\n"
 "that variances from the sums do not cancel when the mean is large against the\n"
 "spread. Private: the caller guarantees contiguous float32 memory.");
@@ -193,8 +182,8 @@ static PyObject *power_sums(PyObject *self, PyObject *args) {
     } else {
         power_sums_impl(x, y, n, kind, (float)p0, (float)p1, kx, ky, acc);
     }
-    if (kind == DSQ_LRELU_Y || kind == DSQ_LRELU_X) /* δ'² = 1 (counted) or a² (the rest) */
-        acc[4] += p0 * p0 * ((double)n - acc[4]);
+    if (kind == DSQ_SIGN_Y || kind == DSQ_SIGN_X) /* δ'² = p0² (counted) or p1² (the rest) */
+        acc[4] = p0 * p0 * acc[4] + p1 * p1 * ((double)n - acc[4]);
     return Py_BuildValue("(ddddddd)", acc[0], acc[1], acc[2], acc[3], acc[4], (double)kx,
                          (double)ky);
 }

@@ -214,11 +214,11 @@ def _c_batch_moments(xf: Tensor, act: Activation) -> BatchMoments | None:
     if not _native.readable(y) or y.numel() != xf.numel():
         return None
     n = xf.numel()
-    sx, sxx, sy, syy, positive, kx, ky = c_sums(
-        xf.data_ptr(), y.data_ptr(), n, _native.DSQ_RELU_Y, 0.0, 0.0, True
+    # δ' = p where δ(x) > 0, q elsewhere: Σδ'² = p²·#{δ > 0} + q²·(the rest)
+    sx, sxx, sy, syy, sg, kx, ky = c_sums(
+        xf.data_ptr(), y.data_ptr(), n, _native.DSQ_SIGN_Y, *sign, True
     )
-    p, q = sign  # δ' = p where δ(x) > 0, q elsewhere
-    dsq = (p * p * positive + q * q * (n - positive)) / n if sy == sy else math.nan
+    dsq = sg / n if sy == sy else math.nan
     mx, my = sx / n, sy / n
     values = [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0),
               dsq]  # fmt: skip

@@ -57,12 +57,10 @@ from anact import _native
 from anact import functional as AF
 from anact._native import (
     DSQ_ELU_Y,
-    DSQ_LRELU_X,
-    DSQ_LRELU_Y,
     DSQ_NONE,
-    DSQ_RELU_X,
-    DSQ_RELU_Y,
     DSQ_SIGMOID_Y,
+    DSQ_SIGN_X,
+    DSQ_SIGN_Y,
     DSQ_SWISH_XY,
     DSQ_TANH_Y,
 )
@@ -199,8 +197,13 @@ _A = torch.ops.aten
 _SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)
 
 
+def _elu_coefficients(act: Activation) -> tuple[float, float]:
+    """(α, scale) of ELU (scale 1) or SELU."""
+    return _SELU if act.name == "selu" else (float(act.params["alpha"]), 1.0)
+
+
 def _elu_prime(x: Tensor, act: Activation, out: Tensor | None) -> Tensor:
-    alpha, scale = (_SELU if act.name == "selu" else (float(act.params["alpha"]), 1.0))
+    alpha, scale = _elu_coefficients(act)
     one = torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
     if out is not None:
         return _A.elu_backward.grad_input(one, alpha, scale, 1.0, False, x, grad_input=out)
@@ -303,7 +306,7 @@ def _sigmoid_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> T
 
 
 def _elu_out(x: Tensor, y: Tensor, act: Activation, out: Tensor | None) -> Tensor:
-    alpha, scale = (_SELU if act.name == "selu" else (float(act.params["alpha"]), 1.0))
+    alpha, scale = _elu_coefficients(act)
     grad = _one(y).expand_as(y)  # ELU/SELU: scale (y > 0), y + scale·α (y ≤ 0)
     if out is not None:
         return _A.elu_backward.grad_input(grad, alpha, scale, 1.0, True, y, grad_input=out)
@@ -346,20 +349,22 @@ def _out_shortcut_for(act: Activation, have_x: bool) -> _OutProducer | None:
 
 # δ' sources of the C power sums (anact._native); each is the C twin of a shortcut
 # above, used only where that shortcut passed the registry check
-
 _C_OUT_KINDS: dict[_OutProducer, int] = {
-    _relu_out: DSQ_RELU_Y, _lrelu_out: DSQ_LRELU_Y, _tanh_out: DSQ_TANH_Y,
+    _relu_out: DSQ_SIGN_Y, _lrelu_out: DSQ_SIGN_Y, _tanh_out: DSQ_TANH_Y,
     _sigmoid_out: DSQ_SIGMOID_Y, _elu_out: DSQ_ELU_Y, _swish_out: DSQ_SWISH_XY,
 }  # fmt: skip
-_C_IN_KINDS: dict[_Producer, int] = {_relu_prime: DSQ_RELU_X, _lrelu_prime: DSQ_LRELU_X}
+_C_IN_KINDS: dict[_Producer, int] = {_relu_prime: DSQ_SIGN_X, _lrelu_prime: DSQ_SIGN_X}
 
 
 def _c_params(act: Activation) -> tuple[float, float]:
-    """The (p0, p1) the C δ' of ``act`` reads: LeakyReLU's slope, ELU's/SELU's α, scale."""
+    """The (p0, p1) the C δ' of ``act`` reads: δ' above and below 0 for ReLU (1, 0) and
+    LeakyReLU (1, slope), (α, scale) for ELU/SELU."""
+    if act.name == "relu":
+        return 1.0, 0.0
     if act.name == "lrelu":
-        return float(act.params["negative_slope"]), 0.0
+        return 1.0, float(act.params["negative_slope"])
     if act.name in ("elu", "selu"):
-        return _SELU if act.name == "selu" else (float(act.params["alpha"]), 1.0)
+        return _elu_coefficients(act)
     return 0.0, 0.0
 
 
@@ -678,10 +683,8 @@ def _running_scale(rho: Any, rho_prime: Any, alpha: Any, eps: float | None, beta
     the layer's ``scale()`` computes it (ρ, ρ' floored at ``eps``): floats or arrays."""
     if isinstance(rho, float):
         return AF.lambda_factor(rho, rho_prime, eps) + beta * math.tanh(alpha)
-    if eps is not None:  # NaN stays NaN, as clamp_min
-        rho, rho_prime = np.where(rho < eps, eps, rho), np.where(rho_prime < eps, eps, rho_prime)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.sqrt((rho + rho_prime) / (2 * rho * rho_prime)) + beta * np.tanh(alpha)
+    lam = AF.lambda_factor(torch.from_numpy(rho), torch.from_numpy(rho_prime), eps).numpy()
+    return lam + beta * np.tanh(alpha)
 
 
 def _from_running(v: list[float], width: int, eps: float | None, beta: float, center: bool
