@@ -1,8 +1,10 @@
-"""Build of anact's one optional C extension; the metadata lives in pyproject.toml.
+"""Build of anact's optional C extensions; the metadata lives in pyproject.toml.
 
-``anact._powersums`` (one-pass power sums for the training monitor on CPU) is
-optional: where no C compiler is available the install still succeeds and the
-monitor uses its PyTorch fallback (same numbers, slower).
+``anact._powersums`` (one-pass power sums for the training monitor on CPU) and
+``anact._nactcpu`` (the normalized activation's passes over float32 CPU memory, the
+``"native"`` backend of :mod:`anact.kernels`) are optional: where no C compiler is
+available the install still succeeds and anact uses its PyTorch code (same numbers,
+slower).
 """
 
 import sys
@@ -18,5 +20,11 @@ setup(
     ext_modules=[
         Extension("anact._powersums", ["src/anact/_powersums.c"], extra_compile_args=flags,
                   optional=True),
+        # fused multiply-adds in exp's polynomial; no a·b + c whose rounding the eager
+        # code's results depend on (outputs are (y − b)·s, gradients g·δ'·s)
+        Extension("anact._nactcpu", ["src/anact/_nactcpu.c"],
+                  extra_compile_args=flags + ([] if sys.platform == "win32" else
+                                              ["-ffp-contract=fast"]),
+                  libraries=[] if sys.platform == "win32" else ["m"], optional=True),
     ],
 )

@@ -1,0 +1,394 @@
+/* anact._nactcpu: the normalized activation's three passes over memory on CPU, float32.
+ *
+ * out = s·(δ(x) − b) (eq. 15) with batch statistics needs, per training step:
+ *   stats    one read of x: writes y = δ(x) into the output buffer and sums, per channel,
+ *            Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'(x)² (k: the channel's first element,
+ *            so that variances do not cancel when the mean is large against the spread);
+ *   affine   out = (y − b)·s in place once s, b exist (or from x directly in eval);
+ *   backward one read of x (or of the saved output) and g: ∂L/∂x = g·δ'(x)·s and the
+ *            α-gradient's partial sum Σ g·(δ(x) − b) (appendix eq. 36–37, 41–42).
+ * A plain activation reads x and writes y forward, reads x, g and writes ∂L/∂x backward;
+ * the extra cost here is the in-place affine pass and the reductions riding along.
+ *
+ * Layout: x is contiguous, viewed as (outer, C, inner); channel c is the strided set
+ * x[o, c, :]. Per-tensor statistics are outer = C = 1. Sums: float32 SIMD accumulators
+ * over blocks of BLOCK elements, block totals in double.
+ *
+ * Element formulas are those of anact.functional's eager code, in the same order of
+ * float32 operations (y − b, then ·s; g·δ', then ·s), so outputs and gradients agree
+ * with it bit for bit for ReLU/LeakyReLU and to an ulp or two for Swish (whose exp is
+ * computed here by a polynomial, torch's by SLEEF).
+ *
+ * The Python side (anact.kernels.native) checks shapes, dtypes and contiguity and passes
+ * data pointers; this module trusts them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 512
+
+/* δ: must match KIND_* in anact/kernels/native.py */
+enum {
+    KIND_SIGN = 0,  /* δ(x) = x for x > 0, p1·x elsewhere (ReLU: p1 = 0 gives 0, keeping
+                       NaN and −0 as torch.relu does); δ' = p0 for x > 0, p1 elsewhere */
+    KIND_SWISH = 1, /* δ(x) = x·σ(x), δ' = σ(1 + x(1 − σ))                                */
+    KINDS = 2
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+/* x86-64-v3: AVX2 with FMA (the polynomial of exp_f32 is a chain of multiply-adds) */
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+static inline float bits_to_float(int32_t i) {
+    float f;
+    memcpy(&f, &i, sizeof f);
+    return f;
+}
+
+/* e^x to about 1 ulp, branch-free so that loops of it vectorize. x = n·ln2 + r with
+ * |r| ≤ ln2/2 (ln2 in two parts), e^r by Cephes expf's degree-7 polynomial, 2^n as two
+ * normal powers of two (n ∈ [−126, 128] after the clamp). NaN → NaN, x ≥ 88.7228 → inf,
+ * x < −87.3365 → 0 (no subnormal results: 1/(1 + e^x) and x/(1 + e^x) are unaffected). */
+static inline float exp_f32(float x) {
+    const float hi = 88.72283935546875f, lo = -87.33654475f;
+    float xc = x > hi ? hi : x; /* comparisons with NaN are false: NaN passes through */
+    xc = xc < lo ? lo : xc;
+    float fn = xc * 1.44269504088896341f;
+    fn = (fn + 12582912.0f) - 12582912.0f; /* round to nearest: |fn| < 2^22 */
+    const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t n = (int32_t)(fn == fn ? fn : 0.0f); /* NaN: any n, p is NaN */
+    const int32_t half = n >> 1;
+    const float e = p * bits_to_float((half + 127) << 23) * bits_to_float((n - half + 127) << 23);
+    return x >= hi ? INFINITY : (x < lo ? 0.0f : e);
+}
+
+/* δ(x) and δ'(x) of one element */
+static inline float act_fn(int kind, float x, float p1) {
+    if (kind == KIND_SWISH)
+        return x * (1.0f / (1.0f + exp_f32(-x)));
+    if (p1 == 0.0f)
+        return x < 0.0f ? 0.0f : x; /* torch.relu: NaN and −0 stay */
+    return x > 0.0f ? x : x * p1;
+}
+
+/* -------------------------------------------------------------------------------------
+ * stats: y = δ(x) written, the five sums added to acc[5]
+ * ------------------------------------------------------------------------------------- */
+
+MULTIVERSION
+static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n, int kind,
+                        float p1, float kx, float ky, double acc[5]) {
+    float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
+    if (kind == KIND_SWISH) {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = x[i];
+            const float s = 1.0f / (1.0f + exp_f32(-xv));
+            const float yv = xv * s;
+            const float d = s * (1.0f + xv * (1.0f - s));
+            y[i] = yv;
+            const float xc = xv - kx, yc = yv - ky;
+            sx += xc;
+            sxx += xc * xc;
+            sy += yc;
+            syy += yc * yc;
+            sg += d * d;
+        }
+    } else { /* the sign kinds: δ'² summed as a count of x > 0, weighted in double */
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = x[i];
+            const float yv = p1 == 0.0f ? (xv < 0.0f ? 0.0f : xv) : (xv > 0.0f ? xv : xv * p1);
+            y[i] = yv;
+            const float xc = xv - kx, yc = yv - ky;
+            sx += xc;
+            sxx += xc * xc;
+            sy += yc;
+            syy += yc * yc;
+            sg += xv > 0.0f ? 1.0f : 0.0f;
+        }
+    }
+    acc[0] += sx;
+    acc[1] += sxx;
+    acc[2] += sy;
+    acc[3] += syy;
+    acc[4] += sg;
+}
+
+/* sums: C rows of 7 doubles (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'², kx, ky) */
+static void stats_impl(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
+                       Py_ssize_t inner, int kind, float p0, float p1, double *sums) {
+    const Py_ssize_t count = outer * inner;
+    for (Py_ssize_t c = 0; c < C; c++) {
+        double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+        const float kx = x[c * inner];
+        const float ky = act_fn(kind, kx, p1);
+        for (Py_ssize_t o = 0; o < outer; o++) {
+            const Py_ssize_t base = (o * C + c) * inner;
+            for (Py_ssize_t start = 0; start < inner; start += BLOCK) {
+                const Py_ssize_t len = inner - start < BLOCK ? inner - start : BLOCK;
+                stats_block(x + base + start, y + base + start, len, kind, p1, kx,
+                            ky, acc);
+            }
+        }
+        double *row = sums + 7 * c;
+        memcpy(row, acc, sizeof acc);
+        if (kind == KIND_SIGN) /* δ'² = p0² (counted) or p1² (the rest) */
+            row[4] = (double)p0 * p0 * acc[4] + (double)p1 * p1 * ((double)count - acc[4]);
+        row[5] = kx;
+        row[6] = ky;
+    }
+}
+
+/* -------------------------------------------------------------------------------------
+ * affine: out = (y − b)·s, y = δ(src) (apply) or src; ties nudged (see anact.functional
+ * ._tie_bounds): where y > 0 and the output rounded onto t = (0 − b)·s, it becomes `away`
+ * ------------------------------------------------------------------------------------- */
+
+MULTIVERSION
+static void affine_block(const float *src, float *out, Py_ssize_t n, int kind, float p1,
+                         int apply, float s, float b, int nudge, float t, float away) {
+    if (apply && kind == KIND_SWISH) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = src[i];
+            out[i] = (xv * (1.0f / (1.0f + exp_f32(-xv))) - b) * s;
+        }
+        return;
+    }
+#pragma omp simd
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float v = src[i];
+        const float yv = !apply ? v
+                         : p1 == 0.0f ? (v < 0.0f ? 0.0f : v)
+                                      : (v > 0.0f ? v : v * p1);
+        const float o = (yv - b) * s;
+        out[i] = nudge && yv > 0.0f && o == t ? away : o;
+    }
+}
+
+static void affine_impl(const float *src, float *out, Py_ssize_t outer, Py_ssize_t C,
+                        Py_ssize_t inner, int kind, float p1, int apply, const float *s,
+                        const float *b, int nudge) {
+    for (Py_ssize_t c = 0; c < C; c++) {
+        const float sc = s[c], bc = b[c];
+        const float t = (-bc) * sc;
+        const float away = sc > 0.0f ? nextafterf(t, INFINITY)
+                           : sc < 0.0f ? nextafterf(t, -INFINITY) : t;
+        for (Py_ssize_t o = 0; o < outer; o++) {
+            const Py_ssize_t base = (o * C + c) * inner;
+            affine_block(src + base, out + base, inner, kind, p1, apply, sc, bc, nudge, t,
+                         away);
+        }
+    }
+}
+
+/* -------------------------------------------------------------------------------------
+ * backward: gx = g·δ'·s; gsum[c] += Σ g·(δ(x) − b) (from x) or Σ g·out
+ * (from the output) (when gsum != NULL). From the output (sign kinds): δ' = p0 where
+ * sign(out − t)·sign(s) > 0, else p1, with torch's sign (0 for NaN).
+ * ------------------------------------------------------------------------------------- */
+
+MULTIVERSION
+static void backward_block(const float *restrict src, const float *restrict g,
+                           float *restrict gx, Py_ssize_t n, int kind, float p0, float p1,
+                           int from_output, float s, float bt, double *gsum) {
+    float acc = 0.0f;
+    if (from_output) {
+        const float ss = (float)((s > 0.0f) - (s < 0.0f));
+#pragma omp simd reduction(+ : acc)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float v = src[i], gv = g[i];
+            const float dv = v - bt;
+            const float sg = (float)((dv > 0.0f) - (dv < 0.0f)) * ss;
+            const float d = sg > 0.0f ? p0 : p1; /* relu(sign·sign)·(p0 − p1) + p1 */
+            gx[i] = gv * d * s;
+            acc += gv * v;
+        }
+    } else if (kind == KIND_SWISH) {
+#pragma omp simd reduction(+ : acc)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = src[i], gv = g[i];
+            const float sig = 1.0f / (1.0f + exp_f32(-xv));
+            const float d = sig * (1.0f + xv * (1.0f - sig));
+            gx[i] = gv * d * s;
+            acc += (xv * sig - bt) * gv;
+        }
+    } else {
+#pragma omp simd reduction(+ : acc)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = src[i], gv = g[i];
+            /* eager δ' = sign(x) clamped at 0 (ReLU) or where(x > 0, 1, slope): NaN → p1
+             * for LeakyReLU, 0 for ReLU */
+            const float d = xv > 0.0f ? p0 : p1;
+            const float yv = p1 == 0.0f ? (xv < 0.0f ? 0.0f : xv) : (xv > 0.0f ? xv : xv * p1);
+            gx[i] = gv * d * s;
+            acc += (yv - bt) * gv;
+        }
+    }
+    if (gsum)
+        *gsum += acc;
+}
+
+static void backward_impl(const float *src, const float *g, float *gx, Py_ssize_t outer,
+                          Py_ssize_t C, Py_ssize_t inner, int kind, float p0, float p1,
+                          int from_output, const float *s, const float *bt, double *gsum) {
+    for (Py_ssize_t c = 0; c < C; c++) {
+        double total = 0.0;
+        for (Py_ssize_t o = 0; o < outer; o++) {
+            const Py_ssize_t base = (o * C + c) * inner;
+            for (Py_ssize_t start = 0; start < inner; start += BLOCK) {
+                const Py_ssize_t len = inner - start < BLOCK ? inner - start : BLOCK;
+                backward_block(src + base + start, g + base + start,
+                               gx + base + start, len, kind, p0, p1, from_output,
+                               s[c], bt[c], gsum ? &total : NULL);
+            }
+        }
+        if (gsum)
+            gsum[c] = total;
+    }
+}
+
+/* -------------------------------------------------------------------------------------
+ * Python entry points
+ * ------------------------------------------------------------------------------------- */
+
+#define GIL_FREE_FROM 65536 /* elements: long enough to let other Python threads run */
+
+static int check_layout(const char *name, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                        int kind) {
+    if (outer < 1 || C < 1 || inner < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: outer, C, inner must be >= 1, got %zd, %zd, %zd",
+                     name, outer, C, inner);
+        return 0;
+    }
+    if (kind < 0 || kind >= KINDS) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown kind %d", name, kind);
+        return 0;
+    }
+    return 1;
+}
+
+#define PTR(T, p) ((T *)(uintptr_t)(p))
+#define RUN(n, CALL)                                                                     \
+    if ((n) >= GIL_FREE_FROM) {                                                          \
+        Py_BEGIN_ALLOW_THREADS CALL;                                                     \
+        Py_END_ALLOW_THREADS                                                             \
+    } else {                                                                             \
+        CALL;                                                                            \
+    }
+
+PyDoc_STRVAR(stats_doc,
+"stats(x_ptr, y_ptr, outer, C, inner, kind, p0, p1, sums_ptr)\n\n"
+"y = δ(x) into y_ptr; per channel the row (Σ(x-kx), Σ(x-kx)²,\n"
+"Σ(y-ky), Σ(y-ky)², Σδ'², kx, ky) into sums_ptr (C×7 float64).");
+
+static PyObject *py_stats(PyObject *self, PyObject *args) {
+    unsigned long long xp, yp, sp;
+    Py_ssize_t outer, C, inner;
+    int kind;
+    double p0, p1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnniddK:stats", &xp, &yp, &outer, &C, &inner, &kind, &p0,
+                          &p1, &sp))
+        return NULL;
+    if (!check_layout("stats", outer, C, inner, kind))
+        return NULL;
+    if (!xp || !yp || !sp) {
+        PyErr_SetString(PyExc_ValueError, "stats: x, y and sums are required");
+        return NULL;
+    }
+    RUN(outer * C * inner, stats_impl(PTR(const float, xp), PTR(float, yp), outer, C, inner,
+                                      kind, (float)p0, (float)p1, PTR(double, sp)))
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(affine_doc,
+"affine(src_ptr, out_ptr, outer, C, inner, kind, p1, apply, s_ptr, b_ptr, nudge)\n\n"
+"out = (y - b)·s per channel, y = δ(src) (apply) or src (src_ptr may be out_ptr);\n"
+"s, b: C float32. nudge: move outputs with y > 0 that rounded onto (0 - b)·s.");
+
+static PyObject *py_affine(PyObject *self, PyObject *args) {
+    unsigned long long srcp, outp, sp, bp;
+    Py_ssize_t outer, C, inner;
+    int kind, apply, nudge;
+    double p1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnnidpKKp:affine", &srcp, &outp, &outer, &C, &inner, &kind,
+                          &p1, &apply, &sp, &bp, &nudge))
+        return NULL;
+    if (!check_layout("affine", outer, C, inner, kind))
+        return NULL;
+    if (!srcp || !outp || !sp || !bp) {
+        PyErr_SetString(PyExc_ValueError, "affine: src, out, s and b are required");
+        return NULL;
+    }
+    RUN(outer * C * inner,
+        affine_impl(PTR(const float, srcp), PTR(float, outp), outer, C, inner, kind,
+                    (float)p1, apply, PTR(const float, sp), PTR(const float, bp), nudge))
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(backward_doc,
+"backward(src_ptr, g_ptr, gx_ptr, outer, C, inner, kind, p0, p1, from_output, s_ptr,\n"
+"         bt_ptr, gsum_ptr)\n\n"
+"gx = g·δ'·s into gx_ptr; gsum[c] = Σ g·(δ(x) - b) from x, or Σ g·out\n"
+"from the output (gsum_ptr 0: not summed). bt: b (from x) or t = (0 - b)·s (from the\n"
+"output), C float32; gsum: C float64.");
+
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    unsigned long long srcp, gp, gxp, sp, btp, gsp;
+    Py_ssize_t outer, C, inner;
+    int kind, from_output;
+    double p0, p1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKnnniddpKKK:backward", &srcp, &gp, &gxp, &outer, &C, &inner,
+                          &kind, &p0, &p1, &from_output, &sp, &btp, &gsp))
+        return NULL;
+    if (!check_layout("backward", outer, C, inner, kind))
+        return NULL;
+    if (!srcp || !gp || !gxp || !sp || !btp) {
+        PyErr_SetString(PyExc_ValueError, "backward: src, g, gx, s and bt are required");
+        return NULL;
+    }
+    if (from_output && kind != KIND_SIGN) {
+        PyErr_SetString(PyExc_ValueError, "backward: from_output needs the sign kind");
+        return NULL;
+    }
+    /* δ' above 0 as the eager code forms it in float32: 1·(p0 − p1) + p1 */
+    const float above = (float)(p0 - p1) + (float)p1;
+    RUN(outer * C * inner,
+        backward_impl(PTR(const float, srcp), PTR(const float, gp), PTR(float, gxp), outer, C,
+                      inner, kind, above, (float)p1, from_output, PTR(const float, sp),
+                      PTR(const float, btp), PTR(double, gsp)))
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"stats", py_stats, METH_VARARGS, stats_doc},
+    {"affine", py_affine, METH_VARARGS, affine_doc},
+    {"backward", py_backward, METH_VARARGS, backward_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "anact._nactcpu",
+    "The normalized activation's passes over float32 CPU memory (private; see "
+    "anact.kernels.native).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__nactcpu(void) { return PyModule_Create(&module); }

@@ -1,0 +1,309 @@
+"""The ``"native"`` fast path: the normalized activation's passes in C, on CPU float32.
+
+A training step of ``out = s·(δ(x) − μ)`` (eq. 15) with batch statistics makes three
+passes over memory, each one call into :mod:`anact._nactcpu`:
+
+* forward, ``stats``: reads x once, writes y = δ(x) into the output buffer and sums
+  the batch moments (shifted by each channel's first element, block sums in double);
+  the running update and λ (eq. 13, 16–18) then run on the () or (C,) moments with
+  :mod:`anact.functional`'s own code;
+* forward, ``affine``: out = (y − μ)·s in place (ReLU's ties moved as the eager
+  output-saving op moves them);
+* backward, ``backward``: reads x (or the saved output) and g once, writes
+  ∂L/∂x = g·δ'(x)·s and sums ∂L/∂s = Σ g·(δ(x) − μ) (appendix eq. 36–37, 41–42).
+
+A plain activation reads x once and writes y forward, which is why δ is written in the
+first pass rather than recomputed in the second: ReLU costs nothing to recompute, but
+Swish's exp costs more than the in-place pass over a buffer still warm in cache.
+
+It applies to the built-in ReLU, LeakyReLU and Swish (the activations whose C twins
+exist, checked against the registry's functions) on contiguous float32 CPU tensors,
+per tensor or per channel with at least :data:`MIN_INNER` contiguous elements per
+channel row, without a mask, outside torch.compile, functorch transforms and
+tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``), and
+where torch itself would run single-threaded: ``torch.get_num_threads() == 1`` or
+fewer than :data:`PARALLEL_NUMEL` elements (the C passes use one core; torch's ops
+split large tensors across its threads). Elsewhere :func:`applies` says False and the
+caller runs another path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from anact import functional as AF
+from anact.activations import Activation, _transforms_active, resolve_activation
+
+try:
+    from anact import _nactcpu
+except ImportError:  # pragma: no cover - installed without a C compiler
+    _nactcpu = None
+
+__all__ = ["available", "applies", "native_kind", "forward", "NativeNormalizedActivationFn"]
+
+KIND_SIGN, KIND_SWISH = 0, 1  # KIND_* in _nactcpu.c
+MIN_INNER = 16  # contiguous elements per channel row below which the C loops do not pay
+PARALLEL_NUMEL = 32768  # torch's grain size: smaller element-wise ops run on one thread
+
+
+def available() -> bool:
+    """Whether the C passes were built (a C compiler at install time)."""
+    return _nactcpu is not None
+
+
+def _code(f: Callable) -> object:
+    return getattr(f, "__code__", f)
+
+
+_REFERENCE: dict[str, tuple[object, object]] | None = None
+
+
+def _reference() -> dict[str, tuple[object, object]]:
+    # the registry's own δ and δ' (by code object: lrelu's lambdas share theirs)
+    global _REFERENCE
+    if _REFERENCE is None:
+        _REFERENCE = {}
+        for name in ("relu", "lrelu", "swish"):
+            a = resolve_activation(name)
+            _REFERENCE[name] = (_code(a.fn), _code(a.derivative))
+    return _REFERENCE
+
+
+def native_kind(act: Activation) -> tuple[int, float, float] | None:
+    """``(kind, p0, p1)`` of the C twin of ``act``, or None when it has none.
+
+    Only the registry's ReLU, LeakyReLU and Swish qualify (their δ and δ' are the
+    registered functions); a user-built Activation with the same name does not.
+    """
+    ref = _reference().get(act.name)
+    if ref is None or (_code(act.fn), _code(act.derivative)) != ref:
+        return None
+    if act.name == "relu":
+        return KIND_SIGN, 1.0, 0.0
+    if act.name == "lrelu":
+        return KIND_SIGN, 1.0, float(act.params["negative_slope"])
+    return KIND_SWISH, 0.0, 0.0
+
+
+def _layout(x: Tensor, channel_dim: int | None) -> tuple[int, int, int]:
+    """x as (outer, C, inner) around the channel dimension; (1, 1, numel) per tensor."""
+    if channel_dim is None:
+        return 1, 1, x.numel()
+    shape = x.shape
+    return (math.prod(shape[:channel_dim]), shape[channel_dim],
+            math.prod(shape[channel_dim + 1:]))  # fmt: skip
+
+
+def _tracing() -> bool:
+    """An export or trace records the graph: the C calls would be opaque to it."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting()
+
+
+def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None) -> bool:
+    """Whether the native passes can run this call (see the module docstring).
+
+    ``channel_dim`` is normalized to 0..dim-1 (or None).
+    """
+    if _nactcpu is None or mask is not None or x.dtype is not torch.float32:
+        return False
+    if not x.is_cpu or not x.is_contiguous() or x.numel() == 0:
+        return False
+    if x.numel() >= PARALLEL_NUMEL and torch.get_num_threads() != 1:
+        return False
+    if channel_dim is not None:
+        outer, c, inner = _layout(x, channel_dim)
+        if inner < MIN_INNER or outer * inner < 2:
+            return False
+    elif x.numel() < 2:
+        return False
+    if torch.compiler.is_compiling() or _transforms_active() or _tracing():
+        return False
+    return native_kind(act) is not None
+
+
+def _moment_values(sums: Tensor, count: int) -> list[float]:
+    """(count, mean_x, var_x, mean_y, var_y, mean_dsq) from one C row (per tensor)."""
+    n = float(count)
+    sx, sxx, sy, syy, sg, kx, ky = sums[0].tolist()
+    mx, my = sx / n, sy / n
+    dsq = sg / n if sy == sy else math.nan  # a NaN in x is a NaN in every moment
+    return [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0), dsq]
+
+
+def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) -> AF.BatchMoments:
+    """BatchMoments from the C rows (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'², kx, ky)."""
+    n = float(count)
+    if not per_channel:
+        values = _moment_values(sums, count)
+        return AF.BatchMoments(*torch.tensor(values, dtype=dtype).unbind())
+    sx, sxx, sy, syy, sg, kx, ky = sums.t().unbind()
+    mx, my = sx / n, sy / n
+    var_x = (sxx / n - mx * mx).clamp_min(0)
+    var_y = (syy / n - my * my).clamp_min(0)
+    dsq = torch.where(torch.isnan(sy), sy, sg / n)
+    stacked = torch.stack([torch.full_like(mx, n), kx + mx, var_x, ky + my, var_y, dsq])
+    return AF.BatchMoments(*stacked.to(dtype).unbind())
+
+
+def _per_channel(t: Tensor, c: int) -> Tensor:
+    """A () or (C,) statistic as C contiguous float32 values for the C passes."""
+    return t.detach().to(torch.float32).reshape(-1).expand(c).contiguous()
+
+
+class NativeNormalizedActivationFn(torch.autograd.Function):
+    """out = scale·(δ(x) − shift) by the C passes; saves x or the output, scale, shift.
+
+    ``buffer`` is a 1-tuple holding the output tensor (not an input of the graph),
+    already holding δ(x) when ``filled`` (the statistics pass wrote it), or still to be
+    computed from x. A double backward
+    (``create_graph=True``) uses the eager formulas, which are differentiable.
+    """
+
+    @staticmethod
+    def forward(x, scale, shift, act, channel_dim, kind, layout, buffer, filled, save_output):  # type: ignore[override]
+        (out,) = buffer
+        outer, c, inner = layout
+        s, b = _per_channel(scale, c), _per_channel(shift, c)
+        src = out if filled else x.detach()
+        _nactcpu.affine(
+            src.data_ptr(),
+            out.data_ptr(),
+            outer,
+            c,
+            inner,
+            kind[0],
+            kind[2],
+            not filled,
+            s.data_ptr(),
+            b.data_ptr(),
+            bool(save_output),
+        )
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, shift, act, channel_dim, kind, layout, _, _, save_output = inputs
+        # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
+        ctx.saved_output = bool(save_output) and not AF._scale_has_zero(scale)
+        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+        ctx.act, ctx.channel_dim, ctx.kind, ctx.layout = act, channel_dim, kind, layout
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, scale, shift = ctx.saved_tensors
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        act, cd = ctx.act, ctx.channel_dim
+        if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
+            from anact.kernels import fused
+
+            if ctx.saved_output:
+                grads = AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
+                                              need_scale, inplace=False)  # fmt: skip
+            else:
+                grads = fused.backward_pass(saved, grad_out, scale, shift, act=act,
+                                            channel_dim=cd, need_x=need_x,
+                                            need_scale=need_scale)  # fmt: skip
+            return (*grads, None, None, None, None, None, None, None, None)
+        outer, c, inner = ctx.layout
+        kind, p0, p1 = ctx.kind
+        g = grad_out.to(torch.float32).contiguous()
+        s, b = _per_channel(scale, c), _per_channel(shift, c)
+        # from the output, the C pass compares with t = (0 − b)·s formed as the forward did
+        bt = ((-b) * s) if ctx.saved_output else b
+        grad_x = torch.empty_like(g)  # written even when only α needs a gradient (rare)
+        gsum = torch.empty(c, dtype=torch.float64) if need_scale else None
+        _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
+                          outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
+                          bt.data_ptr(), 0 if gsum is None else gsum.data_ptr())  # fmt: skip
+        grad_scale = None
+        if gsum is not None:
+            grad_scale = gsum.to(scale.dtype).reshape(scale.shape)
+            if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
+                grad_scale = grad_scale / scale.to(torch.float32).to(scale.dtype)
+        grad_x = grad_x if need_x else None
+        return grad_x, grad_scale, None, None, None, None, None, None, None, None
+
+
+def forward(
+    x: Tensor,
+    act: Activation,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    channel_dim: int | None,
+    eps: float,
+    reduce_moments: Callable | None,
+    on_invalid: Callable[[], None],
+    save_output: Callable[[Tensor], bool] | bool,
+    on_moments: Callable | None,
+) -> Tensor:
+    """:func:`anact.functional.normalized_activation` by the C passes (after
+    :func:`applies` said True); ``channel_dim`` normalized to 0..dim-1 or None."""
+    kind = native_kind(act)
+    layout = _layout(x, channel_dim)
+    outer, c, inner = layout
+    has_running = running_rho is not None
+    batch = training or not has_running
+    out = torch.empty_like(x, memory_format=torch.contiguous_format, requires_grad=False)
+    sums = None
+    if batch:
+        sums = torch.empty((c, 7), dtype=torch.float64)
+        _nactcpu.stats(x.data_ptr(), out.data_ptr(), outer, c, inner, kind[0], kind[1], kind[2],
+                       sums.data_ptr())  # fmt: skip
+    stat_dtype = AF._stat_dtype(x)
+    if channel_dim is None and on_moments is None and reduce_moments is None:
+        # per tensor: the statistics on Python floats (a few µs instead of ~40 tensor ops)
+        if batch:
+            values = _moment_values(sums, outer * inner)
+            values = torch.tensor(values, dtype=stat_dtype).tolist()  # rounded as stored
+            rho, rho_prime, mu, valid = AF._normalization_stats_floats(
+                values, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                training=training, momentum=momentum, bounds=bounds, dtype=stat_dtype,
+            )  # fmt: skip
+            if not valid:
+                on_invalid()
+        else:
+            rho, rho_prime = running_rho.item(), running_rho_prime.item()
+            mu = running_mean.item()
+        lam = AF._lambda_float(rho, rho_prime, eps)
+        scale = torch.tanh(alpha).mul(beta).add(lam)  # (λ + β·tanh α), eq. 15
+        shift_dtype = running_mean.dtype if has_running else stat_dtype
+        shift = torch.full((), mu if center else 0.0, dtype=shift_dtype)
+    else:
+        if batch:
+            moments = _moments(sums, outer * inner, channel_dim is not None, stat_dtype)
+            if on_moments is not None:
+                on_moments(moments)  # this process's, before the reduction
+            if reduce_moments is not None:
+                moments = reduce_moments(moments)
+            rho, rho_prime, mu, valid = AF._normalization_stats(
+                moments, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                training=training, momentum=momentum, bounds=bounds,
+            )  # fmt: skip
+            if not bool(valid.all()):
+                on_invalid()
+        else:
+            rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+        lam = AF.lambda_factor(rho.detach(), rho_prime.detach(), eps)
+        scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
+        # a copy: the buffer may be updated again before this step's backward runs
+        shift = mu.detach().clone() if center else torch.zeros_like(mu)
+    if callable(save_output):
+        save_output = save_output(scale)
+    return AF.apply_function(
+        NativeNormalizedActivationFn, x, scale, shift, act, channel_dim, kind, layout, (out,),
+        batch, save_output,
+    )  # fmt: skip

@@ -1,0 +1,470 @@
+"""The native fast path (the C passes of anact._nactcpu) against the eager reference,
+against float64, and where it must step aside.
+
+Most inputs here have fewer than ``native.PARALLEL_NUMEL`` elements, where the native
+path runs whatever torch's thread count; the thread rule has its own test.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fused import _assert_same, _run
+
+import anact
+import anact.functional as AF
+import anact.kernels as K
+from anact.activations import Activation, get_activation
+from anact.kernels import native
+
+pytestmark = pytest.mark.skipif(
+    not native.available() and os.environ.get("ANACT_ALLOW_NO_C") == "1",
+    reason="anact._nactcpu not built and ANACT_ALLOW_NO_C=1",
+)
+
+ACTS = [("relu", None), ("lrelu", {"negative_slope": 0.01}), ("lrelu", {"negative_slope": 0.2}),
+        ("swish", None)]  # fmt: skip
+# (shape, channel_dim): per tensor, and per channel with ≥ 16 contiguous elements per row
+SHAPES = [((6, 5), None), ((4, 3, 5, 5), None), ((4, 3, 5, 5), 1), ((4, 3, 4, 4), 1),
+          ((3, 20), 0), ((2, 5, 40), 1)]  # fmt: skip
+
+
+def test_the_c_extension_is_built():
+    assert native.available(), (
+        "anact._nactcpu was not built at install: install a C compiler (apt-get install gcc) "
+        "and reinstall the package, or set ANACT_ALLOW_NO_C=1 to test without it"
+    )
+
+
+def _module(name, params, shape, cd, **kw):
+    c = None if cd is None else shape[cd]
+    return lambda: anact.NormalizedActivation(name, c, channel_dim=cd, activation_params=params,
+                                              **kw)  # fmt: skip
+
+
+def _uses_native(module, x, **kw):
+    with K.backend("native"):
+        out = module(x, **kw)
+    return type(out.grad_fn).__name__.startswith("NativeNormalizedActivationFn")
+
+
+@pytest.mark.parametrize("shape,cd", SHAPES)
+@pytest.mark.parametrize("name,params", ACTS)
+def test_native_matches_eager(name, params, shape, cd):
+    torch.manual_seed(1)
+    x = torch.randn(shape) * 1.5 + 0.2
+    make = _module(name, params, shape, cd)
+    assert _uses_native(make(), x.clone().requires_grad_())
+    g = torch.randn(shape)
+    _assert_same(_run("native", make, x, g=g), _run("eager", make, x, g=g), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"center": False}, {"momentum": None}, {"bounds": None}, {"track_running_stats": False},
+     {"beta": 0.0}, {"save": "input"}, {"save": "output"}],
+)  # fmt: skip
+@pytest.mark.parametrize("cd", [None, 1])
+def test_native_options_match_eager(kwargs, cd):
+    torch.manual_seed(2)
+    shape = (4, 3, 6, 6)
+    x = torch.randn(shape) - 0.3
+    make = _module("relu", None, shape, cd, **kwargs)
+    _assert_same(_run("native", make, x, steps=4), _run("eager", make, x, steps=4), torch.float32)
+
+
+@pytest.mark.parametrize("name,params", ACTS)
+def test_native_against_float64(name, params):
+    """Output, ∂L/∂x and ∂L/∂α against the eager op run on the input in float64."""
+    torch.manual_seed(3)
+    shape = (8, 4, 5, 5)
+    x64 = torch.randn(shape, dtype=torch.float64) * 2
+    g64 = torch.randn(shape, dtype=torch.float64)
+    got, ref = [], []
+    for dtype, backend, sink in ((torch.float32, "native", got), (torch.float64, "eager", ref)):
+        module = anact.NormalizedActivation(name, activation_params=params).to(dtype)
+        with torch.no_grad():
+            module.alpha.fill_(0.4)
+        x = x64.to(dtype).requires_grad_()
+        with K.backend(backend):
+            out = module(x)
+        out.backward(g64.to(dtype))
+        sink += [out.detach(), x.grad, module.alpha.grad, module.running_rho.detach(),
+                 module.running_rho_prime.detach(), module.running_mean.detach()]  # fmt: skip
+    for a, b in zip(got, ref, strict=True):
+        scale = 1 + float(b.abs().max())
+        np.testing.assert_allclose(a.double().numpy(), b.numpy(), rtol=2e-5, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("name,params", [("relu", None), ("lrelu", {"negative_slope": 0.2})])
+@pytest.mark.parametrize("cd", [None, 1])
+def test_native_output_saving_and_ties_match_eager_exactly(name, params, cd):
+    """ReLU/LeakyReLU: same float32 formulas as eager, so outputs and ∂L/∂x are equal bit
+    for bit once the statistics agree; ties (δ(x) > 0 rounding onto s·(0 − μ)) move alike."""
+    torch.manual_seed(4)
+    shape = (4, 3, 4, 4)
+    x = torch.randn(shape) * 0.5 + 0.1
+    x.view(-1)[:3] = 0.0
+    x.view(-1)[3:6] = 1e-9
+    g = torch.randn(shape)
+    results = {}
+    for backend in ("native", "eager"):
+        c = None if cd is None else shape[cd]
+        module = anact.NormalizedActivation(
+            name,
+            c,
+            channel_dim=cd,
+            save="output",
+            activation_params=params,
+            track_running_stats=False,
+        )
+        with torch.no_grad():
+            module.alpha.fill_(0.3)
+        xi = x.clone().requires_grad_()
+        with K.backend(backend):
+            out = module(xi)
+        out.backward(g)
+        results[backend] = (out.detach(), xi.grad, module.alpha.grad)
+    (o_n, gx_n, ga_n), (o_e, gx_e, ga_e) = results["native"], results["eager"]
+    # the scale comes from sums in a different order: compare the element formulas given it
+    s = (o_e / torch.where(o_n == 0, torch.ones_like(o_n), o_n)).nanmedian()
+    assert abs(float(s) - 1) < 1e-5
+    torch.testing.assert_close(o_n, o_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_n, gx_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga_n, ga_e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gx_n == 0, gx_e == 0)  # the same elements counted as δ(x) > 0
+
+
+def test_native_elementwise_formulas_are_the_eager_ones_bit_for_bit():
+    """Given s and μ, the affine pass and the backward are eager's float32 arithmetic."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 2, 40)
+    g = torch.randn(3, 2, 40)
+    scale = torch.tensor([1.7, -0.4])
+    shift = torch.tensor([0.25, -0.5])
+    act = get_activation("lrelu", negative_slope=0.2)
+    kind = native.native_kind(act)
+    for save in (False, True):
+        xi = x.clone().requires_grad_()
+        sc = scale.clone().requires_grad_()
+        out = torch.empty_like(x)
+        got = AF.apply_function(native.NativeNormalizedActivationFn, xi, sc, shift, act, 1, kind,
+                                (1 * 3, 2, 40), (out,), False, save)  # fmt: skip
+        got.backward(g)
+        xe = x.clone().requires_grad_()
+        se = scale.clone().requires_grad_()
+        ref = AF.apply_function(AF._NormalizedActivationFn, xe, se, shift, act, 1, save)
+        ref.backward(g)
+        assert torch.equal(got, ref)
+        assert torch.equal(xi.grad, xe.grad)
+        torch.testing.assert_close(sc.grad, se.grad, rtol=1e-6, atol=1e-5)
+
+
+def test_swish_of_the_c_exp_against_float64():
+    """δ, δ' of Swish as the C passes compute them (polynomial exp), against float64,
+    over the whole float range: overflow, underflow, ±inf, NaN, tiny and huge inputs."""
+    special = [0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 87.3, -87.3, 88.7, -88.7, 89.0, -89.0,
+               100.0, -100.0, 1e30, -1e30, math.inf, -math.inf, math.nan]  # fmt: skip
+    x = torch.cat([torch.tensor(special), torch.linspace(-120, 120, 20001),
+                   torch.randn(20000) * 4]).float()  # fmt: skip
+    out, sums = torch.empty_like(x), torch.empty(1, 7, dtype=torch.float64)
+    native._nactcpu.stats(x.data_ptr(), out.data_ptr(), 1, 1, x.numel(), native.KIND_SWISH, 0, 0,
+                          sums.data_ptr())  # fmt: skip
+    x64 = x.double().numpy()
+    with np.errstate(all="ignore"):
+        sig = 1 / (1 + np.exp(-x64))
+        ref = x64 * sig
+    np.testing.assert_array_equal(np.isnan(out.numpy()), np.isnan(ref))
+    finite = np.isfinite(ref)
+    err = np.abs(out.double().numpy()[finite] - ref[finite])
+    # within 4 ulp; below x = −88.7 e^−x overflows and δ(x) is −0 as in torch (|δ| < 1e-36)
+    assert np.all(err <= 4 * np.spacing(np.abs(ref[finite]).astype(np.float32)) + 1e-36)
+    assert np.array_equal(out.numpy()[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)])
+    # δ' in the backward pass: g = 1, s = 1, b = 0 gives ∂L/∂x = δ'(x)
+    ones, gx = torch.ones_like(x), torch.empty_like(x)
+    one, zero = torch.ones(1), torch.zeros(1)
+    gsum = torch.empty(1, dtype=torch.float64)
+    native._nactcpu.backward(x.data_ptr(), ones.data_ptr(), gx.data_ptr(), 1, 1, x.numel(),
+                             native.KIND_SWISH, 0, 0, False, one.data_ptr(), zero.data_ptr(),
+                             gsum.data_ptr())  # fmt: skip
+    with np.errstate(all="ignore"):
+        dref = sig * (1 + x64 * (1 - sig))
+    ok = np.isfinite(dref)
+    np.testing.assert_allclose(gx.double().numpy()[ok], dref[ok], rtol=1e-6, atol=1e-7)
+    assert np.all(np.isnan(gx.numpy()[np.isnan(x64)]))
+
+
+@pytest.mark.parametrize("kind,p1", [(native.KIND_SIGN, 0.0), (native.KIND_SIGN, 0.2),
+                                     (native.KIND_SWISH, 0.0)])  # fmt: skip
+@pytest.mark.parametrize("layout", [(1, 1, 5000), (3, 4, 700), (2, 3, 17)])
+def test_c_sums_against_float64(kind, p1, layout):
+    """Per-channel sums of the stats pass (shifted by each channel's first element) and
+    the backward's Σ g·(δ(x) − b), against float64, with a mean far from zero."""
+    outer, c, inner = layout
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.normal(3.0, 1.5, (outer, c, inner)).astype(np.float32))
+    g = torch.from_numpy(rng.normal(0, 1, (outer, c, inner)).astype(np.float32))
+    y, sums = torch.empty_like(x), torch.empty(c, 7, dtype=torch.float64)
+    native._nactcpu.stats(x.data_ptr(), y.data_ptr(), outer, c, inner, kind, 1.0, p1,
+                          sums.data_ptr())  # fmt: skip
+    x64 = x.double().numpy()
+    if kind == native.KIND_SWISH:
+        sig = 1 / (1 + np.exp(-x64))
+        y64, d64 = x64 * sig, sig * (1 + x64 * (1 - sig))
+    else:
+        y64, d64 = np.where(x64 > 0, x64, p1 * x64), np.where(x64 > 0, 1.0, p1)
+    for ch in range(c):
+        xc, yc, dc = x64[:, ch], y64[:, ch], d64[:, ch]
+        kx, ky = xc.reshape(-1)[0], yc.reshape(-1)[0]
+        expect = [(xc - kx).sum(), ((xc - kx) ** 2).sum(), (yc - ky).sum(), ((yc - ky) ** 2).sum(),
+                  (dc**2).sum()]  # fmt: skip
+        np.testing.assert_allclose(sums[ch, :5].numpy(), expect, rtol=2e-5, atol=1e-3)
+        assert sums[ch, 5] == np.float32(kx)
+    b = torch.tensor(np.linspace(-0.5, 0.5, c), dtype=torch.float32)
+    s = torch.full((c,), 1.3)
+    gx, gsum = torch.empty_like(x), torch.empty(c, dtype=torch.float64)
+    native._nactcpu.backward(
+        x.data_ptr(),
+        g.data_ptr(),
+        gx.data_ptr(),
+        outer,
+        c,
+        inner,
+        kind,
+        1.0,
+        p1,
+        False,
+        s.data_ptr(),
+        b.data_ptr(),
+        gsum.data_ptr(),
+    )
+    g64 = g.double().numpy()
+    expect = ((y64 - b.double().numpy()[None, :, None]) * g64).sum(axis=(0, 2))
+    np.testing.assert_allclose(gsum.numpy(), expect, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(gx.double().numpy(), g64 * d64 * 1.3, rtol=1e-5, atol=1e-6)
+
+
+def test_c_arguments_are_checked():
+    x = torch.zeros(4)
+    s = torch.ones(1)
+    sums = torch.empty(1, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        native._nactcpu.stats(x.data_ptr(), x.data_ptr(), 1, 0, 4, 0, 1.0, 0.0, sums.data_ptr())
+    with pytest.raises(ValueError, match="unknown kind"):
+        native._nactcpu.stats(x.data_ptr(), x.data_ptr(), 1, 1, 4, 7, 1.0, 0.0, sums.data_ptr())
+    with pytest.raises(ValueError, match="required"):
+        native._nactcpu.stats(x.data_ptr(), 0, 1, 1, 4, 0, 1.0, 0.0, sums.data_ptr())
+    with pytest.raises(ValueError, match="sign kind"):
+        native._nactcpu.backward(
+            x.data_ptr(),
+            x.data_ptr(),
+            x.data_ptr(),
+            1,
+            1,
+            4,
+            native.KIND_SWISH,
+            1.0,
+            0.0,
+            True,
+            s.data_ptr(),
+            s.data_ptr(),
+            0,
+        )
+    with pytest.raises(ValueError, match="required"):
+        native._nactcpu.affine(x.data_ptr(), 0, 1, 1, 4, 0, 0.0, True, s.data_ptr(),
+                               s.data_ptr(), False)  # fmt: skip
+
+
+def test_native_steps_aside_where_it_does_not_apply():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    nrelu = anact.NReLU()
+    assert _uses_native(nrelu, x)
+    assert not _uses_native(anact.NReLU().double(), x.detach().double().requires_grad_())
+    assert not _uses_native(anact.NReLU(), x.detach().bfloat16().requires_grad_())
+    assert not _uses_native(anact.NReLU(), x.transpose(0, 3))  # not contiguous
+    assert not _uses_native(anact.NReLU(), x, mask=torch.ones(4, 1, 1, 1, dtype=torch.bool))
+    # per channel with fewer than MIN_INNER contiguous elements per row
+    assert not _uses_native(anact.NReLU(5, channel_dim=-1), torch.randn(8, 5, requires_grad=True))
+    assert not _uses_native(anact.NormalizedActivation("tanh"), x)  # no C twin
+    # a user-built activation named like a built-in is not the built-in
+    fake = Activation("relu", fn=lambda t: torch.relu(t) * 2, derivative=lambda t: 2.0 * (t > 0))
+    assert native.native_kind(fake) is None
+    assert not _uses_native(anact.NormalizedActivation(fake), x)
+    with K.backend("native"):
+        out = torch.vmap(anact.NReLU(track_running_stats=False))(x.detach())
+    assert out.shape == x.shape
+
+
+def test_native_follows_torch_thread_count(monkeypatch):
+    """Large inputs run natively only where torch runs single-threaded (the C passes use
+    one core): with more threads, another path runs."""
+    big = torch.randn(native.PARALLEL_NUMEL + 8)
+    act = get_activation("relu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert not native.applies(big, act, None, None)
+    assert native.applies(big[: native.PARALLEL_NUMEL - 1], act, None, None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert native.applies(big, act, None, None)
+
+
+def test_auto_prefers_native_and_native_falls_back_to_eager():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with K.backend("auto"):
+        assert type(anact.NSwish()(x).grad_fn).__name__.startswith("NativeNormalized")
+    with K.backend("native"):  # float64: the eager reference, no compilation
+        out = anact.NSwish().double()(x.detach().double().requires_grad_())
+    assert type(out.grad_fn).__name__ == "_NormalizedActivationFnBackward"
+
+
+def test_native_nan_batch_warns_and_is_left_out_like_eager():
+    x = torch.randn(6, 40)
+    x[2, 3] = math.nan
+    for backend in ("native", "eager"):
+        m = anact.NReLU()
+        with K.backend(backend), pytest.warns(AF.StatisticsWarning):
+            out = m(x)
+        assert int(m.num_batches_tracked) == 0
+        assert torch.isnan(out[2, 3])
+
+
+def test_native_double_backward_matches_eager():
+    torch.manual_seed(7)
+    x0 = torch.randn(5, 40)
+    grads = {}
+    for backend in ("native", "eager"):
+        for name in ("swish", "relu"):
+            m = anact.NormalizedActivation(name)
+            x = x0.clone().requires_grad_()
+            with K.backend(backend):
+                out = m(x)
+            (gx,) = torch.autograd.grad((out**2).sum(), x, create_graph=True)
+            (ggx,) = torch.autograd.grad(gx.sum(), x)
+            grads[backend, name] = (gx.detach(), ggx)
+    for name in ("swish", "relu"):
+        for a, b in zip(grads["native", name], grads["eager", name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_native_hooks_get_moments_like_eager():
+    """on_moments (the monitor) and reduce_moments (distributed) see the same moments."""
+    torch.manual_seed(8)
+    x = torch.randn(4, 3, 5, 5)
+    seen = {}
+    for backend in ("native", "eager"):
+        got = []
+
+        def reduce(m, got=got):
+            got.append(m)
+            return AF.BatchMoments(*(t * 1 for t in m))
+
+        rr, rrp, rm = torch.ones(()), torch.ones(()), torch.zeros(())
+        nbt = torch.zeros((), dtype=torch.long)
+        with K.backend(backend):
+            AF.normalized_activation(x, "swish", rr, rrp, rm, nbt, torch.zeros(()), training=True,
+                                     reduce_moments=reduce, on_moments=got.append)  # fmt: skip
+        seen[backend] = (got, rr.clone(), rrp.clone(), rm.clone())
+    (gn, *rn), (ge, *re) = seen["native"], seen["eager"]
+    assert len(gn) == len(ge) == 2
+    for mn, me in zip(gn, ge, strict=True):
+        for a, b in zip(mn, me, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(rn, re, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _random_moments(rng):
+    count = float(rng.choice([1, 2, 50]))
+    mean_x, mean_y = rng.normal(0, 2), rng.normal(0, 2)
+    var_x = float(rng.choice([0.0, 1e-12, rng.uniform(0.1, 3)]))
+    var_y = float(rng.choice([0.0, rng.uniform(0.01, 3), math.inf]))
+    dsq = float(rng.choice([0.0, rng.uniform(0.1, 1), math.nan]))
+    return [count, mean_x, var_x, mean_y, var_y, dsq]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bounds", [(0.2, 5.0), None])
+def test_statistics_on_floats_match_the_tensor_rules(momentum, bounds):
+    """functional._normalization_stats_floats (the native per-tensor path) against
+    _normalization_stats on random moments: invalid batches, first batch, outliers."""
+    rng = np.random.default_rng(9)
+    state_t = [torch.ones(()), torch.ones(()), torch.zeros(()), torch.zeros((), dtype=torch.long)]
+    state_f = [t.clone() for t in state_t]
+    for step in range(200):
+        values = torch.tensor(_random_moments(rng), dtype=torch.float32).tolist()
+        if step % 7 == 0:  # an outlier ρ against the running value
+            values[4] = values[2] * float(rng.choice([10.0, 0.01]))
+        training = step % 11 != 5
+        moments = AF.BatchMoments(*torch.tensor(values).unbind())
+        rho_t, rp_t, mu_t, valid_t = AF._normalization_stats(
+            moments, *state_t, training=training, momentum=momentum, bounds=bounds
+        )
+        rho_f, rp_f, mu_f, valid_f = AF._normalization_stats_floats(
+            values, *state_f, training=training, momentum=momentum, bounds=bounds,
+            dtype=torch.float32,
+        )  # fmt: skip
+        if not training:
+            # eval with running statistics: the tensor rules report the batch; the native
+            # path never asks (it reads the running values)
+            continue
+        assert bool(valid_t) == valid_f, (step, values)
+        for a, b in zip((rho_t, rp_t, mu_t), (rho_f, rp_f, mu_f), strict=True):
+            np.testing.assert_allclose(b, float(a), rtol=1e-6, atol=1e-7)
+        for a, b in zip(state_t, state_f, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert 0 < int(state_t[3]) < 200
+
+
+def test_statistics_on_floats_without_running_values():
+    good = torch.tensor([50.0, 0.1, 2.0, 0.5, 1.0, 0.4]).tolist()
+    bad = torch.tensor([1.0, 0.1, 2.0, 0.5, 1.0, 0.4]).tolist()  # one element
+    for values, expect in ((good, (0.5, 0.4, 0.5, True)), (bad, (1.0, 1.0, 0.0, False))):
+        got = AF._normalization_stats_floats(
+            values,
+            None,
+            None,
+            None,
+            None,
+            training=True,
+            momentum=0.1,
+            bounds=None,
+            dtype=torch.float32,
+        )
+        np.testing.assert_allclose(got[:3], expect[:3], rtol=1e-6)
+        assert got[3] is expect[3]
+
+
+def test_native_model_training_matches_eager_over_steps():
+    """A small conv net with NSwish and NReLU trained five SGD steps on either path."""
+    torch.manual_seed(11)
+    data = [(torch.randn(8, 1, 12, 12), torch.randint(0, 3, (8,))) for _ in range(5)]
+
+    def train(backend):
+        torch.manual_seed(12)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), anact.NSwish(4, channel_dim=1), torch.nn.Flatten(),
+            torch.nn.Linear(4 * 10 * 10, 16), anact.NReLU(), torch.nn.Linear(16, 3),
+        )  # fmt: skip
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        with K.backend(backend):
+            for xb, yb in data:
+                opt.zero_grad()
+                F.cross_entropy(net(xb), yb).backward()
+                opt.step()
+        return net.state_dict()
+
+    a, b = train("native"), train("eager")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_default_backend_is_native_and_the_environment_can_choose(monkeypatch):
+    monkeypatch.delenv("ANACT_BACKEND", raising=False)
+    assert K._from_environment() == K.DEFAULT_BACKEND == "native"
+    monkeypatch.setenv("ANACT_BACKEND", "eager")
+    assert K._from_environment() == "eager"
+    monkeypatch.setenv("ANACT_BACKEND", "fastest")
+    with pytest.warns(K.KernelWarning, match="not one of"):
+        assert K._from_environment() == "native"
