@@ -115,6 +115,15 @@ NORMALIZED = {"swish": anact.NSwish, "relu": anact.NReLU}
 SAVE = "auto"  # NReLU's save= option (--save); "input" gives the layers before output saving
 
 
+def fast_backends() -> tuple[str, ...]:
+    """The backends measured against the plain op: "native" (the C passes) on CPU when built."""
+    from anact.kernels import native
+
+    if DEVICE.type == "cpu" and native.available():
+        return ("eager", "native", "compiled")
+    return ("eager", "compiled")
+
+
 def nrelu(*args, **kwargs) -> nn.Module:
     return anact.NReLU(*args, save=SAVE, **kwargs)
 
@@ -136,7 +145,7 @@ def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) ->
     norm = (nrelu if kind == "relu" else NORMALIZED[kind])(c, channel_dim=channel_dim)
     norm.to(DEVICE)  # statistics and α stay float32 whatever the input dtype
     variants: dict[str, Callable[[Tensor], Tensor]] = {"plain": plain}
-    for b in ("eager", "compiled"):
+    for b in fast_backends():
         variants[b] = _backend_module(norm, b)
 
     def fwd_bwd(f):
@@ -157,7 +166,7 @@ def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) ->
     t_f = interleaved({k: fwd(f) for k, f in variants.items()}, "plain", repeats)
     rows = []
     per = "per-tensor" if channel_dim is None else f"per-channel (dim {channel_dim})"
-    for b in ("eager", "compiled"):
+    for b in fast_backends():
         mem = saved_bytes(lambda b=b: variants[b](x)) / saved_bytes(lambda: plain(x))
         rows.append({
             "what": f"N{kind.capitalize() if kind == 'swish' else 'ReLU'} vs "
@@ -197,7 +206,7 @@ def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module],
     steps = {"plain": _train_step(plain, torch.optim.SGD(plain.parameters(), 0.01, 0.9), xb, yb,
                                   "eager")}
     opt = torch.optim.SGD(norm.parameters(), 0.01, 0.9)
-    for b in ("eager", "compiled"):
+    for b in fast_backends():
         steps[b] = _train_step(norm, opt, xb, yb, b)
     t = interleaved(steps, "plain", repeats)
 
@@ -210,7 +219,7 @@ def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module],
 
     saved_plain = saved_bytes(forward(plain, "eager"))
     rows = []
-    for b in ("eager", "compiled"):
+    for b in fast_backends():
         rows.append({
             "what": f"{name}: training step",
             "backend": b,

@@ -7,19 +7,26 @@ path applies; the eager code in :mod:`anact.functional` stays the reference.
 Backends (``set_backend(name)``, the ``with backend(name):`` context, or the
 environment variable ``ANACT_BACKEND`` read at import):
 
-* ``"eager"`` (default): the reference, no compilation;
+* ``"native"`` (default): the C passes of :mod:`anact.kernels.native` (built at install
+  when a C compiler is present) for the built-in ReLU, LeakyReLU and Swish on float32
+  CPU tensors where torch itself runs single-threaded; the eager reference everywhere
+  else (other activations and dtypes, masks, CUDA, compile, transforms, export);
+* ``"eager"``: the reference, torch ops only, no compilation;
 * ``"compiled"``: the fused kernels of :mod:`anact.kernels.fused` through
   ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton on CUDA), compiled once
   per activation, shape, dtype and configuration (``dynamic=False``);
-* ``"auto"``: ``"compiled"`` for inputs of at least :data:`AUTO_MIN_NUMEL`
-  elements, eager for smaller ones (where a compiled call's fixed cost is not
-  repaid);
+* ``"auto"``: ``"native"`` where it applies, else ``"compiled"`` for inputs of at
+  least :data:`AUTO_MIN_NUMEL` elements and eager for smaller ones (where a compiled
+  call's fixed cost is not repaid);
 * ``"fused"``: the fused kernels run eagerly, without compilation (slow; for
   testing the fused math and debugging).
 
-The default is eager because compilation costs seconds per new shape (tens of
-seconds for the first one in a process) and needs a C++ compiler (CPU) or
-Triton (CUDA). When compilation fails, a :class:`KernelWarning` is issued once
+The default needs no compilation at run time: ``"compiled"`` costs seconds per new
+shape (tens of seconds for the first one in a process) and needs a C++ compiler
+(CPU) or Triton (CUDA). The native passes follow the eager formulas (ReLU's outputs
+and gradients are equal bit for bit given the statistics, Swish's to an ulp or two;
+the statistics are sums in another order), tested in tests/kernels/test_native.py.
+When compilation fails, a :class:`KernelWarning` is issued once
 and the call runs eagerly.
 
 The fast path is skipped (eager is used) inside ``torch.compile`` (the outer
@@ -43,6 +50,7 @@ from anact.activations import Activation, _transforms_active
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKEND",
     "AUTO_MIN_NUMEL",
     "KernelWarning",
     "backend",
@@ -52,7 +60,8 @@ __all__ = [
     "clear_cache",
 ]
 
-BACKENDS = ("eager", "compiled", "auto", "fused")
+BACKENDS = ("eager", "native", "compiled", "auto", "fused")
+DEFAULT_BACKEND = "native"
 AUTO_MIN_NUMEL = 1 << 15
 
 
@@ -67,14 +76,15 @@ def _check_backend(name: str) -> str:
 
 
 def _from_environment() -> str:
-    name = os.environ.get("ANACT_BACKEND", "").strip().lower() or "eager"
+    name = os.environ.get("ANACT_BACKEND", "").strip().lower() or DEFAULT_BACKEND
     if name not in BACKENDS:
         warnings.warn(
-            f"ANACT_BACKEND={name!r} is not one of {', '.join(BACKENDS)}; using 'eager'",
+            f"ANACT_BACKEND={name!r} is not one of {', '.join(BACKENDS)}; "
+            f"using {DEFAULT_BACKEND!r}",
             KernelWarning,
             stacklevel=2,
         )
-        return "eager"
+        return DEFAULT_BACKEND
     return name
 
 
@@ -275,7 +285,7 @@ def _is_compiling() -> bool:
 
 def _choose(x: Tensor, channel_dim: int | None) -> _Runner | None:
     name = _backend
-    if name == "eager" or _is_compiling() or _transforms_active():
+    if name in ("eager", "native") or _is_compiling() or _transforms_active():
         return None
     per_stat = x.numel() // (1 if channel_dim is None else max(1, x.shape[channel_dim]))
     if per_stat < 2:
@@ -316,13 +326,23 @@ def dispatch(
     statistics (it warns, as the reference does); ``save_output``: whether backward
     keeps the output instead of x, or a function of the scale that says so.
     """
+    cd = None if channel_dim is None else channel_dim % x.dim()
+    if _backend in ("native", "auto"):
+        from anact.kernels import native
+
+        if native.applies(x, act, cd, mask):
+            return native.forward(
+                x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                alpha, training=training, momentum=momentum, bounds=bounds, beta=beta,
+                center=center, channel_dim=cd, eps=eps, reduce_moments=reduce_moments,
+                on_invalid=on_invalid, save_output=save_output, on_moments=on_moments,
+            )  # fmt: skip
     runner = _choose(x, channel_dim)
     if runner is None:
         return None
     from anact import functional as AF
     from anact.kernels import fused
 
-    cd = None if channel_dim is None else channel_dim % x.dim()
     has_running = running_rho is not None
     if mask is not None:
         mask = AF._check_mask(x, mask)
