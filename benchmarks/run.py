@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -242,14 +243,15 @@ def bench_fold(xb: Tensor, repeats: int) -> list[Row]:
         norm(xb)  # running statistics from one batch
     norm.eval()
     folded = fold(norm)
-    unfolded_compiled = _backend_module(norm, "compiled")
+    variants = {"plain": lambda: plain(xb)}
+    for b in fast_backends():
+        variants[b] = functools.partial(_backend_module(norm, b), xb)
+    variants["anact.fold"] = lambda: folded(xb)
     with torch.no_grad():
-        t = interleaved({"plain": lambda: plain(xb), "eager": lambda: norm(xb),
-                         "compiled": lambda: unfolded_compiled(xb),
-                         "anact.fold": lambda: folded(xb)}, "plain", repeats)
+        t = interleaved(variants, "plain", repeats)
     name = f"LeNet5 NReLU vs ReLU, inference (eval), batch {len(xb)}"
     return [{"what": name, "backend": k, "step": t[k][1], "plain step ms": t["plain"][0] * 1e3}
-            for k in ("eager", "compiled", "anact.fold")]
+            for k in variants if k != "plain"]
 
 
 # ---------------------------------------------------------------------------
