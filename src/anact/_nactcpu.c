@@ -88,6 +88,17 @@ static inline float act_fn(int kind, float x, float p1) {
  * stats: y = δ(x) written, the five sums added to acc[5]
  * ------------------------------------------------------------------------------------- */
 
+/* one element's share of the five sums (locals of stats_block) */
+#define ADD_SUMS(XV, YV, DSQ)                                                             \
+    {                                                                                     \
+        const float xc = (XV) - kx, yc = (YV) - ky;                                       \
+        sx += xc;                                                                         \
+        sxx += xc * xc;                                                                   \
+        sy += yc;                                                                         \
+        syy += yc * yc;                                                                   \
+        sg += (DSQ);                                                                      \
+    }
+
 MULTIVERSION
 static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n, int kind,
                         float p1, float kx, float ky, double acc[5]) {
@@ -100,12 +111,7 @@ static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n
             const float yv = xv * s;
             const float d = s * (1.0f + xv * (1.0f - s));
             y[i] = yv;
-            const float xc = xv - kx, yc = yv - ky;
-            sx += xc;
-            sxx += xc * xc;
-            sy += yc;
-            syy += yc * yc;
-            sg += d * d;
+            ADD_SUMS(xv, yv, d * d)
         }
     } else { /* the sign kinds: δ'² summed as a count of x > 0, weighted in double */
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
@@ -113,12 +119,7 @@ static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n
             const float xv = x[i];
             const float yv = p1 == 0.0f ? (xv < 0.0f ? 0.0f : xv) : (xv > 0.0f ? xv : xv * p1);
             y[i] = yv;
-            const float xc = xv - kx, yc = yv - ky;
-            sx += xc;
-            sxx += xc * xc;
-            sy += yc;
-            syy += yc * yc;
-            sg += xv > 0.0f ? 1.0f : 0.0f;
+            ADD_SUMS(xv, yv, xv > 0.0f ? 1.0f : 0.0f)
         }
     }
     acc[0] += sx;
