@@ -75,13 +75,17 @@ static inline float exp_f32(float x) {
     return x >= hi ? INFINITY : (x < lo ? 0.0f : e);
 }
 
-/* δ(x) and δ'(x) of one element */
+/* σ(x) = 1/(1 + e^−x) */
+static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+/* the sign kinds' δ: ReLU (p1 = 0) as torch.relu (NaN and −0 stay), else LeakyReLU */
+static inline float sign_fn(float x, float p1) {
+    return p1 == 0.0f ? (x < 0.0f ? 0.0f : x) : (x > 0.0f ? x : x * p1);
+}
+
+/* δ(x) of one element */
 static inline float act_fn(int kind, float x, float p1) {
-    if (kind == KIND_SWISH)
-        return x * (1.0f / (1.0f + exp_f32(-x)));
-    if (p1 == 0.0f)
-        return x < 0.0f ? 0.0f : x; /* torch.relu: NaN and −0 stay */
-    return x > 0.0f ? x : x * p1;
+    return kind == KIND_SWISH ? x * sigmoid_f32(x) : sign_fn(x, p1);
 }
 
 /* -------------------------------------------------------------------------------------
@@ -107,7 +111,7 @@ static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = x[i];
-            const float s = 1.0f / (1.0f + exp_f32(-xv));
+            const float s = sigmoid_f32(xv);
             const float yv = xv * s;
             const float d = s * (1.0f + xv * (1.0f - s));
             y[i] = yv;
@@ -117,7 +121,7 @@ static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = x[i];
-            const float yv = p1 == 0.0f ? (xv < 0.0f ? 0.0f : xv) : (xv > 0.0f ? xv : xv * p1);
+            const float yv = sign_fn(xv, p1);
             y[i] = yv;
             ADD_SUMS(xv, yv, xv > 0.0f ? 1.0f : 0.0f)
         }
@@ -166,16 +170,14 @@ static void affine_block(const float *src, float *out, Py_ssize_t n, int kind, f
 #pragma omp simd
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = src[i];
-            out[i] = (xv * (1.0f / (1.0f + exp_f32(-xv))) - b) * s;
+            out[i] = (xv * sigmoid_f32(xv) - b) * s;
         }
         return;
     }
 #pragma omp simd
     for (Py_ssize_t i = 0; i < n; i++) {
         const float v = src[i];
-        const float yv = !apply ? v
-                         : p1 == 0.0f ? (v < 0.0f ? 0.0f : v)
-                                      : (v > 0.0f ? v : v * p1);
+        const float yv = apply ? sign_fn(v, p1) : v;
         const float o = (yv - b) * s;
         out[i] = nudge && yv > 0.0f && o == t ? away : o;
     }
@@ -223,7 +225,7 @@ static void backward_block(const float *restrict src, const float *restrict g,
 #pragma omp simd reduction(+ : acc)
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = src[i], gv = g[i];
-            const float sig = 1.0f / (1.0f + exp_f32(-xv));
+            const float sig = sigmoid_f32(xv);
             const float d = sig * (1.0f + xv * (1.0f - sig));
             gx[i] = gv * d * s;
             acc += (xv * sig - bt) * gv;
@@ -235,7 +237,7 @@ static void backward_block(const float *restrict src, const float *restrict g,
             /* eager δ' = sign(x) clamped at 0 (ReLU) or where(x > 0, 1, slope): NaN → p1
              * for LeakyReLU, 0 for ReLU */
             const float d = xv > 0.0f ? p0 : p1;
-            const float yv = p1 == 0.0f ? (xv < 0.0f ? 0.0f : xv) : (xv > 0.0f ? xv : xv * p1);
+            const float yv = sign_fn(xv, p1);
             gx[i] = gv * d * s;
             acc += (yv - bt) * gv;
         }
