@@ -461,8 +461,13 @@ def _output_saving(act: Activation, save: str, x: Tensor, scale: Tensor) -> bool
         return False
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         return False
+    return not _is_recording()
+
+
+def _is_recording() -> bool:
+    """A trace or export (``torch.jit.trace``, ONNX, ``torch.export``) records the graph."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting())
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting()
 
 
 def _tie_bounds(s: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -707,6 +712,19 @@ def apply_normalization(
     )
 
 
+def _scale_and_shift(
+    rho: Tensor, rho_prime: Tensor, mu: Tensor, alpha: Tensor, *, beta: float, center: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """The op's ``scale`` = λ + β·tanh α (eq. 13, 15; differentiable in α) and ``shift``
+    = μ (or 0 without centring) from the statistics it normalizes with."""
+    lam = lambda_factor(rho.detach(), rho_prime.detach(), eps)
+    scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
+    # a copy: the buffer may be updated again before this step's backward runs
+    shift = mu.detach().clone() if center else torch.zeros_like(mu)
+    return scale, shift
+
+
 def _warn_unusable_batch(stacklevel: int) -> None:
     warnings.warn(
         "a mini-batch could not define the activation statistics (fewer than 2 real "
@@ -813,10 +831,7 @@ def normalized_activation(
             _warn_unusable_batch(stacklevel=4)  # (no host check under vmap or compile)
     else:
         rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-    lam = lambda_factor(rho.detach(), rho_prime.detach(), eps)
-    scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
-    # a copy: the buffer may be updated again before this step's backward runs
-    shift = mu.detach().clone() if center else torch.zeros_like(mu)
+    scale, shift = _scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center, eps=eps)
     save_output = _output_saving(act, save, x, scale)
     return apply_function(
         _NormalizedActivationFn, x, scale, shift, act, channel_dim, save_output

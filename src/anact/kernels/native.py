@@ -98,12 +98,6 @@ def _layout(x: Tensor, channel_dim: int | None) -> tuple[int, int, int]:
             math.prod(shape[channel_dim + 1:]))  # fmt: skip
 
 
-def _tracing() -> bool:
-    """An export or trace records the graph: the C calls would be opaque to it."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting()
-
-
 def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None) -> bool:
     """Whether the native passes can run this call (see the module docstring).
 
@@ -121,7 +115,8 @@ def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | 
             return False
     elif x.numel() < 2:
         return False
-    if torch.compiler.is_compiling() or _transforms_active() or _tracing():
+    # a trace or export would record the C calls as opaque constants
+    if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
         return False
     return native_kind(act) is not None
 
@@ -297,10 +292,8 @@ def forward(
                 on_invalid()
         else:
             rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-        lam = AF.lambda_factor(rho.detach(), rho_prime.detach(), eps)
-        scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
-        # a copy: the buffer may be updated again before this step's backward runs
-        shift = mu.detach().clone() if center else torch.zeros_like(mu)
+        scale, shift = AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center,
+                                           eps=eps)  # fmt: skip
     if callable(save_output):
         save_output = save_output(scale)
     return AF.apply_function(
