@@ -238,6 +238,7 @@ def bench_fold(xb: Tensor, repeats: int) -> list[Row]:
                  "note": "missing: anact.fold not in this tree yet"}]
     torch.manual_seed(0)
     plain = LeNet5(nn.ReLU).to(DEVICE).eval()
+    torch.manual_seed(0)  # the same weights: after folding, only the scales differ
     norm = LeNet5(lambda: nrelu(center=False)).to(DEVICE)
     with torch.no_grad():
         norm(xb)  # running statistics from one batch

@@ -208,3 +208,107 @@ def test_untraceable_model_folds_in_modules_mode():
     assert not any(isinstance(m, anact.NormalizedActivation) for m in folded.modules())
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+class PoolNet(nn.Module):
+    """conv → act → max pool → conv → act → avg pool (ceil) → adaptive avg → flatten → fc."""
+
+    def __init__(self, per_channel: bool, sign: float = 1.0) -> None:
+        super().__init__()
+
+        def na(name, c):
+            kw = {"num_features": c, "channel_dim": 1} if per_channel else {}
+            return anact.NormalizedActivation(name, dtype=torch.float64, **kw)
+
+        self.c1 = nn.Conv2d(3, 6, 3)
+        self.a1 = na("relu", 6)
+        self.pool1 = nn.MaxPool2d(2, padding=1)  # pads with −inf: still a maximum
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.a2 = na("swish", 4)
+        self.pool2 = nn.AvgPool2d(3, stride=2, ceil_mode=True)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 5)
+        self.sign = sign
+
+    def forward(self, x):
+        h = self.pool1(self.a1(self.c1(x)))
+        h = self.gap(self.pool2(self.a2(self.c2(h))))
+        return self.fc(torch.flatten(h, 1))
+
+
+def _pool_net(per_channel: bool, seed: int) -> PoolNet:
+    torch.manual_seed(seed)
+    model = PoolNet(per_channel).double()
+    _randomise(model, per_channel, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fold_passes_through_max_and_average_pools(per_channel):
+    model = _pool_net(per_channel, 6)
+    for m in (model.a1, model.a2):  # positive scales: the max pool commutes
+        with torch.no_grad():
+            m.alpha.fill_(0.0)
+    x = torch.randn(4, 3, 11, 11, dtype=torch.float64)
+    folded, rep = anact.fold(model, example_inputs=(x,), return_report=True)
+    assert "into c2" in rep[0] and "shift kept" in rep[0]  # c2 is zero-padded
+    assert rep[1] == "a2: folded scale and shift into fc"
+    mods = dict(folded.named_modules())
+    assert isinstance(mods["a1"], FoldedActivation) and mods["a1"].scale is None
+    assert isinstance(mods["a2"], nn.SiLU)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fold_through_a_max_pool_needs_a_positive_scale():
+    model = _pool_net(True, 7)
+    with torch.no_grad():  # λ + β·tanh α < 0 in channel 2 (β = 1 would not reach it)
+        model.a1.running_rho.fill_(50.0)
+        model.a1.running_rho_prime.fill_(50.0)
+        model.a1.beta = 1.0
+        model.a1.alpha[2] = -5.0
+    assert bool((model.a1.scale() <= 0).any())
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    folded, rep = anact.fold(model, example_inputs=(x,), return_report=True)
+    assert rep[0] == "a1: kept: a max pool after it and a scale that is not positive"
+    assert isinstance(folded.get_submodule("a1"), FoldedActivation)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fold_does_not_pass_a_pool_over_its_channel_dimension():
+    # per-channel statistics over the last dimension, which MaxPool1d pools
+    gen = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv1d(2, 3, 1),
+                          anact.NormalizedActivation("relu", 10, channel_dim=-1,
+                                                     dtype=torch.float64),
+                          nn.MaxPool1d(2), nn.Conv1d(3, 2, 1)).double()
+    _randomise(model, True, gen)
+    model.eval()
+    x = torch.randn(4, 2, 10, dtype=torch.float64)
+    folded, rep = anact.fold(model, example_inputs=(x,), return_report=True)
+    assert rep[0] == "1: kept: MaxPool1d pools its channel dimension"
+    # channel_dim=1 without example_inputs: the rank is unknown, so is the pooled dimension
+    model2 = _pool_net(True, 9)
+    _, rep2 = anact.fold(model2, return_report=True)
+    assert "pass example_inputs" in rep2[0]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(3, padding=1),
+                                  nn.AvgPool2d(2, divisor_override=3)])
+def test_fold_keeps_average_pools_whose_weights_do_not_sum_to_one(pool):
+    gen = torch.Generator().manual_seed(10)
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), anact.NormalizedActivation("swish",
+                                                                         dtype=torch.float64),
+                          pool, nn.Conv2d(3, 2, 1)).double()
+    _randomise(model, False, gen)
+    model.eval()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    folded, rep = anact.fold(model, return_report=True)
+    assert rep[0] == "1: kept: its output feeds 2 (AvgPool2d), not a Linear/Conv"
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)

@@ -25,6 +25,36 @@ from anact.modules import NormalizedActivation
 __all__ = ["FoldedActivation", "fold"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _pooled_dims(m: nn.Module) -> int:
+    """How many trailing dimensions a pooling module pools (MaxPool2d: 2)."""
+    return int(type(m).__name__[-2])
+
+
+def _commuting_pool(m: nn.Module) -> str | None:
+    """'max' or 'avg' for a pooling module that commutes with a per-channel affine map.
+
+    An average pool does when every output's weights sum to 1: no zero padding counted
+    in the average and no divisor override. A max pool does for a positive scale (checked
+    by the caller); one that also returns indices changes the graph's shape and is not
+    passed through.
+    """
+    if isinstance(m, _MAX_POOLS):
+        return None if m.return_indices else "max"
+    if isinstance(m, _AVG_POOLS):
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+            if getattr(m, "divisor_override", None) is not None:
+                return None
+            if any(p != 0 for p in pad) and m.count_include_pad:
+                return None
+        return "avg"
+    return None
 
 
 class FoldedActivation(nn.Module):
@@ -84,14 +114,19 @@ def _plain(act: Activation) -> nn.Module:
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """'identity' or 'flatten' for ops that are linear and elementwise-order preserving."""
+    """'identity', 'flatten', 'maxpool' or 'avgpool' for ops the fold passes through.
+
+    Identity and flatten keep every element; the pools commute with a per-channel
+    affine map under the conditions of :func:`_commuting_pool` and :func:`_try_fold`.
+    """
     if node.op == "call_module":
         m = modules.get(node.target)
         if isinstance(m, (nn.Identity, nn.Dropout)):
             return "identity"
         if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
             return "flatten"
-        return None
+        pool = _commuting_pool(m)
+        return None if pool is None else f"{pool}pool"
     if node.op == "call_function" and node.target is torch.flatten:
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -109,29 +144,55 @@ def _ndim(node: fx.Node) -> int | None:
 
 
 def _consumers(node: fx.Node, modules: dict[str, nn.Module]
-               ) -> tuple[list[tuple[fx.Node, bool]], str]:
+               ) -> tuple[list[tuple[fx.Node, bool]], str, list[nn.Module]]:
     """The Linear/Conv calls that take ``node``'s output (through pass-through ops).
 
-    Returns ``([(layer node, flattened on the way), ...], "")`` or ``([], why not)``.
+    Returns ``([(layer node, flattened on the way), ...], "", pools passed)`` or
+    ``([], why not, [])``.
     """
     out: list[tuple[fx.Node, bool]] = []
+    pools: list[nn.Module] = []
     stack = [(node, False)]
     while stack:
         cur, flat = stack.pop()
         if not cur.users:
-            return [], "kept: its output is a model output"
+            return [], "kept: its output is a model output", []
         for nxt in cur.users:
             if not nxt.args or nxt.args[0] is not cur or cur in nxt.args[1:]:
-                return [], f"kept: {nxt.name} does not take it as its input only"
+                return [], f"kept: {nxt.name} does not take it as its input only", []
             kind = _is_passthrough(nxt, modules)
             if kind is not None:
+                if kind.endswith("pool"):
+                    if flat:
+                        return [], f"kept: {nxt.name} pools a flattened tensor", []
+                    pools.append(modules[nxt.target])
                 stack.append((nxt, flat or kind == "flatten"))
             elif nxt.op == "call_module" and isinstance(modules.get(nxt.target),
                                                          (nn.Linear, *_CONVS)):
                 out.append((nxt, flat))
             else:
-                return [], f"kept: its output feeds {nxt.name}, not a Linear/Conv"
-    return out, ""
+                what = (f"{nxt.target} ({type(modules[nxt.target]).__name__})"
+                        if nxt.op == "call_module" else nxt.name)
+                return [], f"kept: its output feeds {what}, not a Linear/Conv", []
+    return out, "", pools
+
+
+def _pools_commute(pools: list[nn.Module], c: Tensor, cd: int | None,
+                   ndim_in: int | None) -> str:
+    """"" when c·(y − μ) commutes with every pool passed, else why not."""
+    if any(isinstance(p, _MAX_POOLS) for p in pools) and not bool((c > 0).all()):
+        return "kept: a max pool after it and a scale that is not positive"
+    if c.dim() == 0:
+        return ""
+    for p in pools:  # the channels must not lie in a pooled dimension
+        pooled = _pooled_dims(p)
+        if ndim_in is not None:
+            if cd % ndim_in >= ndim_in - pooled:
+                return f"kept: {type(p).__name__} pools its channel dimension"
+        elif cd >= 0 or -cd <= pooled:
+            return (f"kept: channel_dim={cd} may be pooled by {type(p).__name__} (pass "
+                    "example_inputs to fold, or use a negative channel_dim)")
+    return ""
 
 
 def _fold_into(layer: nn.Module, c: Tensor, mu: Tensor, cd: int | None, flat: bool,
@@ -254,7 +315,7 @@ def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Modu
     bn_note = _try_fold_into_batchnorm(node, m, modules, calls)
     if bn_note:
         return bn_note
-    targets, why = _consumers(node, modules)
+    targets, why, pools = _consumers(node, modules)
     if not targets:
         return why
     for t, _ in targets:
@@ -263,6 +324,9 @@ def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Modu
     c = m.scale().detach().double()
     mu = m.shift().detach().double()
     ndim_in = _ndim(node.args[0]) if node.args else None
+    why = _pools_commute(pools, c, m.channel_dim, ndim_in)
+    if why:
+        return why
     folds = []
     for t, flat in targets:
         res = _fold_into(modules[t.target], c, mu, m.channel_dim, flat, ndim_in)
