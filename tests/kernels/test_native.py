@@ -27,9 +27,13 @@ pytestmark = pytest.mark.skipif(
 
 ACTS = [("relu", None), ("lrelu", {"negative_slope": 0.01}), ("lrelu", {"negative_slope": 0.2}),
         ("swish", None)]  # fmt: skip
-# (shape, channel_dim): per tensor, and per channel with ≥ 16 contiguous elements per row
-SHAPES = [((6, 5), None), ((4, 3, 5, 5), None), ((4, 3, 5, 5), 1), ((4, 3, 4, 4), 1),
-          ((3, 20), 0), ((2, 5, 40), 1)]  # fmt: skip
+# (shape, channel_dim): per tensor; per channel by the channel loops (at least ROW_INNER
+# = 128 contiguous elements per channel row in _nactcpu.c) and by the row loops (fewer:
+# channels last, or short rows)
+SHAPES = [((6, 5), None), ((4, 3, 5, 5), None), ((2, 3, 12, 12), 1), ((3, 130), 0),
+          ((2, 5, 200), 1),
+          ((4, 3, 5, 5), 1), ((4, 3, 4, 4), 1), ((3, 20), 0), ((2, 5, 40), 1),
+          ((8, 5), 1), ((3, 7, 33), -1), ((4, 6, 3, 3), 1), ((300, 3), -1)]  # fmt: skip
 
 
 def test_the_c_extension_is_built():
@@ -67,7 +71,7 @@ def test_native_matches_eager(name, params, shape, cd):
     [{"center": False}, {"momentum": None}, {"bounds": None}, {"track_running_stats": False},
      {"beta": 0.0}, {"save": "input"}, {"save": "output"}],
 )  # fmt: skip
-@pytest.mark.parametrize("cd", [None, 1])
+@pytest.mark.parametrize("cd", [None, 1, -1])
 def test_native_options_match_eager(kwargs, cd):
     torch.manual_seed(2)
     shape = (4, 3, 6, 6)
@@ -100,7 +104,7 @@ def test_native_against_float64(name, params):
 
 
 @pytest.mark.parametrize("name,params", [("relu", None), ("lrelu", {"negative_slope": 0.2})])
-@pytest.mark.parametrize("cd", [None, 1])
+@pytest.mark.parametrize("cd", [None, 1, -1])
 def test_native_output_saving_and_ties_match_eager(name, params, cd):
     """ReLU/LeakyReLU with output saving and ties (δ(x) > 0 rounding onto s·(0 − μ)):
     outputs and gradients agree with eager up to the statistics' rounding, and the same
@@ -139,11 +143,12 @@ def test_native_output_saving_and_ties_match_eager(name, params, cd):
     assert torch.equal(gx_n == 0, gx_e == 0)  # the same elements counted as δ(x) > 0
 
 
-def test_native_elementwise_formulas_are_the_eager_ones_bit_for_bit():
+@pytest.mark.parametrize("inner", [40, 130])  # row loops, channel loops
+def test_native_elementwise_formulas_are_the_eager_ones_bit_for_bit(inner):
     """Given s and μ, the affine pass and the backward are eager's float32 arithmetic."""
     torch.manual_seed(5)
-    x = torch.randn(3, 2, 40)
-    g = torch.randn(3, 2, 40)
+    x = torch.randn(3, 2, inner)
+    g = torch.randn(3, 2, inner)
     scale = torch.tensor([1.7, -0.4])
     shift = torch.tensor([0.25, -0.5])
     act = get_activation("lrelu", negative_slope=0.2)
@@ -153,7 +158,7 @@ def test_native_elementwise_formulas_are_the_eager_ones_bit_for_bit():
         sc = scale.clone().requires_grad_()
         out = torch.empty_like(x)
         got = AF.apply_function(native.NativeNormalizedActivationFn, xi, sc, shift, act, 1, kind,
-                                (1 * 3, 2, 40), (out,), False, save)  # fmt: skip
+                                (1 * 3, 2, inner), (out,), False, save)  # fmt: skip
         got.backward(g)
         xe = x.clone().requires_grad_()
         se = scale.clone().requires_grad_()
@@ -200,10 +205,16 @@ def test_swish_of_the_c_exp_against_float64():
 
 @pytest.mark.parametrize("kind,p1", [(native.KIND_SIGN, 0.0), (native.KIND_SIGN, 0.2),
                                      (native.KIND_SWISH, 0.0)])  # fmt: skip
-@pytest.mark.parametrize("layout", [(1, 1, 5000), (3, 4, 700), (2, 3, 17)])
+@pytest.mark.parametrize(
+    "layout",
+    [(1, 1, 5000), (3, 4, 700), (2, 3, 129),  # channel loops
+     (2, 3, 17), (9, 5, 3), (2000, 6, 1), (70, 300, 1), (40, 21, 15)],  # row loops (flushed,
+    # wide rows)
+)  # fmt: skip
 def test_c_sums_against_float64(kind, p1, layout):
     """Per-channel sums of the stats pass (shifted by each channel's first element) and
-    the backward's Σ g·(δ(x) − b), against float64, with a mean far from zero."""
+    the backward's Σ g·(δ(x) − b) and ∂L/∂x, against float64, with a mean far from zero
+    and a different shift per channel."""
     outer, c, inner = layout
     rng = np.random.default_rng(6)
     x = torch.from_numpy(rng.normal(3.0, 1.5, (outer, c, inner)).astype(np.float32))
@@ -225,7 +236,7 @@ def test_c_sums_against_float64(kind, p1, layout):
         np.testing.assert_allclose(sums[ch, :5].numpy(), expect, rtol=2e-5, atol=1e-3)
         assert sums[ch, 5] == np.float32(kx)
     b = torch.tensor(np.linspace(-0.5, 0.5, c), dtype=torch.float32)
-    s = torch.full((c,), 1.3)
+    s = torch.tensor(np.linspace(1.3, 0.7, c), dtype=torch.float32)
     gx, gsum = torch.empty_like(x), torch.empty(c, dtype=torch.float64)
     native._nactcpu.backward(
         x.data_ptr(),
@@ -245,7 +256,8 @@ def test_c_sums_against_float64(kind, p1, layout):
     g64 = g.double().numpy()
     expect = ((y64 - b.double().numpy()[None, :, None]) * g64).sum(axis=(0, 2))
     np.testing.assert_allclose(gsum.numpy(), expect, rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(gx.double().numpy(), g64 * d64 * 1.3, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx.double().numpy(), g64 * d64 * s.double().numpy()[None, :, None],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_c_arguments_are_checked():
@@ -287,8 +299,10 @@ def test_native_steps_aside_where_it_does_not_apply():
     assert not _uses_native(anact.NReLU(), x.detach().bfloat16().requires_grad_())
     assert not _uses_native(anact.NReLU(), x.transpose(0, 3))  # not contiguous
     assert not _uses_native(anact.NReLU(), x, mask=torch.ones(4, 1, 1, 1, dtype=torch.bool))
-    # per channel with fewer than MIN_INNER contiguous elements per row
-    assert not _uses_native(anact.NReLU(5, channel_dim=-1), torch.randn(8, 5, requires_grad=True))
+    # per channel with a single element per channel: eager warns and uses no statistics
+    with pytest.warns(AF.StatisticsWarning):
+        assert not _uses_native(anact.NReLU(5, channel_dim=-1), torch.randn(1, 5,
+                                                                            requires_grad=True))
     assert not _uses_native(anact.NormalizedActivation("tanh"), x)  # no C twin
     # a user-built activation named like a built-in is not the built-in
     fake = Activation("relu", fn=lambda t: torch.relu(t) * 2, derivative=lambda t: 2.0 * (t > 0))

@@ -18,10 +18,11 @@ Swish's exp costs more than the in-place pass over a buffer still warm in cache.
 
 It applies to the built-in ReLU, LeakyReLU and Swish (the activations whose C twins
 exist, checked against the registry's functions) on contiguous float32 CPU tensors,
-per tensor or per channel with at least :data:`MIN_INNER` contiguous elements per
-channel row, without a mask, outside torch.compile, functorch transforms and
-tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``), and
-where torch itself would run single-threaded: ``torch.get_num_threads() == 1`` or
+per tensor or per channel (any ``channel_dim``: the C side walks channels-first layouts
+channel by channel and channels-last ones, e.g. (N, T, C) with ``channel_dim=-1``,
+row by row with one accumulator per position), without a mask, outside torch.compile,
+functorch transforms and tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``),
+and where torch itself would run single-threaded: ``torch.get_num_threads() == 1`` or
 fewer than :data:`PARALLEL_NUMEL` elements (the C passes use one core; torch's ops
 split large tensors across its threads). Elsewhere :func:`applies` says False and the
 caller runs another path.
@@ -46,7 +47,6 @@ except ImportError:  # pragma: no cover - installed without a C compiler
 __all__ = ["available", "applies", "native_kind", "forward", "NativeNormalizedActivationFn"]
 
 KIND_SIGN, KIND_SWISH = 0, 1  # KIND_* in _nactcpu.c
-MIN_INNER = 16  # contiguous elements per channel row below which the C loops do not pay
 PARALLEL_NUMEL = 32768  # torch's grain size: smaller element-wise ops run on one thread
 
 
@@ -111,7 +111,7 @@ def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | 
         return False
     if channel_dim is not None:
         outer, c, inner = _layout(x, channel_dim)
-        if inner < MIN_INNER or outer * inner < 2:
+        if outer * inner < 2:
             return False
     elif x.numel() < 2:
         return False
