@@ -22,9 +22,11 @@ setup(
                   optional=True),
         # fused multiply-adds in exp's polynomial; no a·b + c whose rounding the eager
         # code's results depend on (outputs are (y − b)·s, gradients g·δ'·s)
+        # -pthread: the passes split large tensors over torch's thread count
         Extension("anact._nactcpu", ["src/anact/_nactcpu.c"],
                   extra_compile_args=flags + ([] if sys.platform == "win32" else
-                                              ["-ffp-contract=fast"]),
+                                              ["-ffp-contract=fast", "-pthread"]),
+                  extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
                   libraries=[] if sys.platform == "win32" else ["m"], optional=True),
     ],
 )

@@ -157,32 +157,13 @@ static void finish_sums(double *sums, Py_ssize_t C, Py_ssize_t count, int kind, 
     }
 }
 
-/* sums: C rows of 7 doubles (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'², kx, ky) */
-static void stats_channels(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
-                           Py_ssize_t inner, int kind, float p1, double *sums) {
-    for (Py_ssize_t c = 0; c < C; c++) {
-        double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-        const float kx = x[c * inner];
-        const float ky = act_fn(kind, kx, p1);
-        for (Py_ssize_t o = 0; o < outer; o++) {
-            const Py_ssize_t base = (o * C + c) * inner;
-            for (Py_ssize_t start = 0; start < inner; start += BLOCK) {
-                const Py_ssize_t len = inner - start < BLOCK ? inner - start : BLOCK;
-                stats_block(x + base + start, y + base + start, len, kind, p1, kx,
-                            ky, acc);
-            }
-        }
-        double *row = sums + 7 * c;
-        memcpy(row, acc, sizeof acc);
-        row[5] = kx;
-        row[6] = ky;
-    }
-}
-
 /* ---- row loops ----------------------------------------------------------------------
  * A span is L = W·k elements (k >= 1 whole rows of W = C·inner); position p of a span
  * belongs to channel (p mod W) / inner. Spans start at multiples of L, so every position
  * keeps its channel; the last span may be shorter (fewer rows). */
+
+/* whether a layout takes the row loops */
+static int uses_rows(Py_ssize_t C, Py_ssize_t inner) { return C > 1 && inner < ROW_INNER; }
 
 static Py_ssize_t row_span(Py_ssize_t W) { return W >= ROW_SPAN ? W : (ROW_SPAN / W) * W; }
 
@@ -234,60 +215,6 @@ static void flush(float *acc, double *total, Py_ssize_t n) {
     }
 }
 
-/* returns 0, or -1 when out of memory */
-static int stats_rows(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
-                      Py_ssize_t inner, int kind, float p1, double *sums) {
-    const Py_ssize_t W = C * inner, L = row_span(W), total = outer * W;
-    float *f = calloc((size_t)(7 * L), sizeof *f); /* kx, ky, 5 accumulators */
-    double *d = calloc((size_t)(5 * L), sizeof *d);
-    if (!f || !d) {
-        free(f);
-        free(d);
-        return -1;
-    }
-    float *kx = f, *ky = f + L, *a = f + 2 * L;
-    for (Py_ssize_t p = 0; p < L; p++) { /* each channel's first element, as stats_channels */
-        kx[p] = x[channel_of(p, W, inner) * inner];
-        ky[p] = act_fn(kind, kx[p], p1);
-    }
-    int spans = 0;
-    for (Py_ssize_t start = 0; start < total; start += L) {
-        const Py_ssize_t n = total - start < L ? total - start : L;
-        stats_span(x + start, y + start, n, kind, p1, kx, ky, a, a + L, a + 2 * L, a + 3 * L,
-                   a + 4 * L);
-        if (++spans == ROW_FLUSH) {
-            flush(a, d, 5 * L);
-            spans = 0;
-        }
-    }
-    flush(a, d, 5 * L);
-    memset(sums, 0, (size_t)(7 * C) * sizeof *sums);
-    for (Py_ssize_t p = 0; p < L; p++) {
-        double *row = sums + 7 * channel_of(p, W, inner);
-        for (int k = 0; k < 5; k++)
-            row[k] += d[k * L + p];
-    }
-    for (Py_ssize_t c = 0; c < C; c++) {
-        sums[7 * c + 5] = kx[c * inner];
-        sums[7 * c + 6] = ky[c * inner];
-    }
-    free(f);
-    free(d);
-    return 0;
-}
-
-static int stats_impl(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
-                      Py_ssize_t inner, int kind, float p0, float p1, double *sums) {
-    if (C > 1 && inner < ROW_INNER) {
-        if (stats_rows(x, y, outer, C, inner, kind, p1, sums) < 0)
-            return -1;
-    } else {
-        stats_channels(x, y, outer, C, inner, kind, p1, sums);
-    }
-    finish_sums(sums, C, outer * inner, kind, p0, p1);
-    return 0;
-}
-
 /* -------------------------------------------------------------------------------------
  * affine: out = (y − b)·s, y = δ(src) (apply) or src; ties nudged (see anact.functional
  * ._tie_bounds): where y > 0 and the output rounded onto t = (0 − b)·s, it becomes `away`
@@ -320,21 +247,6 @@ static float tie_away(float s, float t) {
     return s > 0.0f ? nextafterf(t, INFINITY) : s < 0.0f ? nextafterf(t, -INFINITY) : t;
 }
 
-static void affine_channels(const float *src, float *out, Py_ssize_t outer, Py_ssize_t C,
-                            Py_ssize_t inner, int kind, float p1, int apply, const float *s,
-                            const float *b, int nudge) {
-    for (Py_ssize_t c = 0; c < C; c++) {
-        const float sc = s[c], bc = b[c];
-        const float t = tie_target(sc, bc);
-        const float away = tie_away(sc, t);
-        for (Py_ssize_t o = 0; o < outer; o++) {
-            const Py_ssize_t base = (o * C + c) * inner;
-            affine_block(src + base, out + base, inner, kind, p1, apply, sc, bc, nudge, t,
-                         away);
-        }
-    }
-}
-
 /* affine_block with per-position s, b, t, away (row loops) */
 MULTIVERSION
 static void affine_span(const float *src, float *out, Py_ssize_t n, int kind, float p1,
@@ -355,38 +267,6 @@ static void affine_span(const float *src, float *out, Py_ssize_t n, int kind, fl
         const float o = (yv - b[i]) * s[i];
         out[i] = nudge && yv > 0.0f && o == t[i] ? away[i] : o;
     }
-}
-
-static int affine_rows(const float *src, float *out, Py_ssize_t outer, Py_ssize_t C,
-                       Py_ssize_t inner, int kind, float p1, int apply, const float *s,
-                       const float *b, int nudge) {
-    const Py_ssize_t W = C * inner, L = row_span(W), total = outer * W;
-    float *f = malloc((size_t)(4 * L) * sizeof *f);
-    if (!f)
-        return -1;
-    float *sp = f, *bp = f + L, *tp = f + 2 * L, *ap = f + 3 * L;
-    for (Py_ssize_t p = 0; p < L; p++) {
-        const Py_ssize_t c = channel_of(p, W, inner);
-        sp[p] = s[c];
-        bp[p] = b[c];
-        tp[p] = tie_target(s[c], b[c]);
-        ap[p] = tie_away(s[c], tp[p]);
-    }
-    for (Py_ssize_t start = 0; start < total; start += L) {
-        const Py_ssize_t n = total - start < L ? total - start : L;
-        affine_span(src + start, out + start, n, kind, p1, apply, sp, bp, nudge, tp, ap);
-    }
-    free(f);
-    return 0;
-}
-
-static int affine_impl(const float *src, float *out, Py_ssize_t outer, Py_ssize_t C,
-                       Py_ssize_t inner, int kind, float p1, int apply, const float *s,
-                       const float *b, int nudge) {
-    if (C > 1 && inner < ROW_INNER)
-        return affine_rows(src, out, outer, C, inner, kind, p1, apply, s, b, nudge);
-    affine_channels(src, out, outer, C, inner, kind, p1, apply, s, b, nudge);
-    return 0;
 }
 
 /* -------------------------------------------------------------------------------------
@@ -436,26 +316,6 @@ static void backward_block(const float *restrict src, const float *restrict g,
         *gsum += acc;
 }
 
-static void backward_channels(const float *src, const float *g, float *gx, Py_ssize_t outer,
-                              Py_ssize_t C, Py_ssize_t inner, int kind, float p0, float p1,
-                              int from_output, const float *s, const float *bt,
-                              double *gsum) {
-    for (Py_ssize_t c = 0; c < C; c++) {
-        double total = 0.0;
-        for (Py_ssize_t o = 0; o < outer; o++) {
-            const Py_ssize_t base = (o * C + c) * inner;
-            for (Py_ssize_t start = 0; start < inner; start += BLOCK) {
-                const Py_ssize_t len = inner - start < BLOCK ? inner - start : BLOCK;
-                backward_block(src + base + start, g + base + start,
-                               gx + base + start, len, kind, p0, p1, from_output,
-                               s[c], bt[c], gsum ? &total : NULL);
-            }
-        }
-        if (gsum)
-            gsum[c] = total;
-    }
-}
-
 /* backward_block with per-position s and bt, acc[i] += the α-gradient's term (row loops) */
 MULTIVERSION
 static void backward_span(const float *restrict src, const float *restrict g,
@@ -494,51 +354,373 @@ static void backward_span(const float *restrict src, const float *restrict g,
     }
 }
 
-static int backward_rows(const float *src, const float *g, float *gx, Py_ssize_t outer,
-                         Py_ssize_t C, Py_ssize_t inner, int kind, float p0, float p1,
-                         int from_output, const float *s, const float *bt, double *gsum) {
-    const Py_ssize_t W = C * inner, L = row_span(W), total = outer * W;
-    float *f = calloc((size_t)(3 * L), sizeof *f); /* s, bt, accumulator */
-    double *d = calloc((size_t)L, sizeof *d);
-    if (!f || !d) {
-        free(f);
-        free(d);
-        return -1;
+/* =====================================================================================
+ * Drivers: a pass over the whole (outer, C, inner) tensor as tasks, one per thread.
+ * A task is a box of the layout: channels [c0, c1), rows [o0, o1), inner [i0, i1).
+ * Channel loops split the channels when there are enough of them (no sums to add), else
+ * the rows, else the inner dimension; row loops split the rows. Sums go to per-task
+ * partial arrays, added in task order, so that a result depends on the number of tasks
+ * but never on scheduling. Each channel's shift k (the stats sums) is its first element
+ * whichever task holds it, so partial sums add as they are.
+ * ===================================================================================== */
+
+enum { PASS_STATS, PASS_AFFINE, PASS_BACKWARD };
+
+#define MAX_TASKS 64
+#define TASK_GRAIN 65536 /* elements per task at least: a thread costs tens of µs */
+
+typedef struct {
+    Py_ssize_t outer, C, inner;
+    int kind, rows, ntasks;
+    float p0, p1;
+    const float *src; /* stats: x; affine: δ(x) or x; backward: x or the output */
+    float *dst;       /* stats: y; affine: out; backward: ∂L/∂x */
+    const float *g;   /* backward: ∂L/∂out */
+    const float *s;   /* affine, backward: scale per channel */
+    const float *b;   /* affine: shift; backward: b (from x) or t (from the output) */
+    const float *kx, *ky;
+    const float *pos; /* row loops: per-position values shared by the tasks (see below) */
+    int apply, nudge, from_output;
+    double *partial;  /* per task: C·5 (stats) or C (backward) sums */
+    int status[MAX_TASKS];
+} pass_job;
+
+typedef struct {
+    Py_ssize_t c0, c1, o0, o1, i0, i1;
+} box;
+
+/* [a, b) of task t out of T over n, chunk boundaries on multiples of align */
+static void split(Py_ssize_t n, int T, int t, Py_ssize_t align, Py_ssize_t *a, Py_ssize_t *b) {
+    Py_ssize_t chunk = (n + T - 1) / T;
+    chunk = (chunk + align - 1) / align * align;
+    *a = (Py_ssize_t)t * chunk < n ? (Py_ssize_t)t * chunk : n;
+    *b = *a + chunk < n ? *a + chunk : n;
+}
+
+/* how the tasks split the layout: 'c' channels, 'o' rows, 'i' inner. Channels only when
+ * there are enough to balance the tasks (the last one may get fewer), or nothing else
+ * splits. */
+static char split_dim(const pass_job *j, int T) {
+    if (j->rows)
+        return 'o';
+    if (j->C >= 4 * T)
+        return 'c';
+    if (j->outer >= T)
+        return 'o';
+    return (j->inner + BLOCK - 1) / BLOCK >= T ? 'i' : 'c';
+}
+
+static box task_box(const pass_job *j, int t) {
+    box r = {0, j->C, 0, j->outer, 0, j->inner};
+    switch (split_dim(j, j->ntasks)) {
+    case 'c': split(j->C, j->ntasks, t, 1, &r.c0, &r.c1); break;
+    case 'o': split(j->outer, j->ntasks, t, 1, &r.o0, &r.o1); break;
+    default: split(j->inner, j->ntasks, t, BLOCK, &r.i0, &r.i1); break;
     }
-    float *sp = f, *bp = f + L, *acc = f + 2 * L;
-    for (Py_ssize_t p = 0; p < L; p++) {
-        sp[p] = s[channel_of(p, W, inner)];
-        bp[p] = bt[channel_of(p, W, inner)];
+    return r;
+}
+
+static int count_tasks(const pass_job *j, int threads) {
+    const Py_ssize_t numel = j->outer * j->C * j->inner;
+    Py_ssize_t T = threads < MAX_TASKS ? threads : MAX_TASKS;
+    if (numel / TASK_GRAIN < T)
+        T = numel / TASK_GRAIN;
+    if (T <= 1)
+        return 1;
+    const char d = split_dim(j, (int)T);
+    const Py_ssize_t units = d == 'c' ? j->C : d == 'o' ? j->outer
+                                               : (j->inner + BLOCK - 1) / BLOCK;
+    return (int)(units < T ? units : T);
+}
+
+/* ---- stats ---------------------------------------------------------------------------
+ * row loops' pos: kx, ky per position (2L) */
+
+static void stats_task(pass_job *j, int t) {
+    const box r = task_box(j, t);
+    const Py_ssize_t C = j->C, inner = j->inner;
+    double *part = j->partial + (Py_ssize_t)t * C * 5;
+    if (!j->rows) {
+        for (Py_ssize_t c = r.c0; c < r.c1; c++) {
+            double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+            for (Py_ssize_t o = r.o0; o < r.o1; o++) {
+                const Py_ssize_t base = (o * C + c) * inner;
+                for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
+                    const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
+                    stats_block(j->src + base + i, j->dst + base + i, len, j->kind, j->p1,
+                                j->kx[c], j->ky[c], acc);
+                }
+            }
+            for (int k = 0; k < 5; k++)
+                part[c * 5 + k] += acc[k];
+        }
+        return;
+    }
+    const Py_ssize_t W = C * inner, L = row_span(W);
+    float *a = calloc((size_t)(5 * L), sizeof *a);
+    double *d = calloc((size_t)(5 * L), sizeof *d);
+    if (!a || !d) {
+        free(a);
+        free(d);
+        j->status[t] = -1;
+        return;
+    }
+    const float *kx = j->pos, *ky = j->pos + L;
+    int spans = 0;
+    for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
+        const Py_ssize_t n = r.o1 * W - start < L ? r.o1 * W - start : L;
+        stats_span(j->src + start, j->dst + start, n, j->kind, j->p1, kx, ky, a, a + L,
+                   a + 2 * L, a + 3 * L, a + 4 * L);
+        if (++spans == ROW_FLUSH) {
+            flush(a, d, 5 * L);
+            spans = 0;
+        }
+    }
+    flush(a, d, 5 * L);
+    for (Py_ssize_t p = 0; p < L; p++)
+        for (int k = 0; k < 5; k++)
+            part[channel_of(p, W, inner) * 5 + k] += d[k * L + p];
+    free(a);
+    free(d);
+}
+
+/* ---- affine ----------------------------------------------------------------------------
+ * row loops' pos: s, b, t, away per position (4L) */
+
+static void affine_task(pass_job *j, int t) {
+    const box r = task_box(j, t);
+    const Py_ssize_t C = j->C, inner = j->inner;
+    if (!j->rows) {
+        for (Py_ssize_t c = r.c0; c < r.c1; c++) {
+            const float sc = j->s[c], bc = j->b[c];
+            const float tt = tie_target(sc, bc);
+            const float away = tie_away(sc, tt);
+            for (Py_ssize_t o = r.o0; o < r.o1; o++) {
+                const Py_ssize_t base = (o * C + c) * inner + r.i0;
+                affine_block(j->src + base, j->dst + base, r.i1 - r.i0, j->kind, j->p1,
+                             j->apply, sc, bc, j->nudge, tt, away);
+            }
+        }
+        return;
+    }
+    const Py_ssize_t W = C * inner, L = row_span(W);
+    const float *pos = j->pos;
+    for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
+        const Py_ssize_t n = r.o1 * W - start < L ? r.o1 * W - start : L;
+        affine_span(j->src + start, j->dst + start, n, j->kind, j->p1, j->apply, pos,
+                    pos + L, j->nudge, pos + 2 * L, pos + 3 * L);
+    }
+}
+
+/* ---- backward --------------------------------------------------------------------------
+ * row loops' pos: s, bt per position (2L) */
+
+static void backward_task(pass_job *j, int t) {
+    const box r = task_box(j, t);
+    const Py_ssize_t C = j->C, inner = j->inner;
+    double *part = j->partial + (Py_ssize_t)t * C;
+    if (!j->rows) {
+        for (Py_ssize_t c = r.c0; c < r.c1; c++) {
+            double total = 0.0;
+            for (Py_ssize_t o = r.o0; o < r.o1; o++) {
+                const Py_ssize_t base = (o * C + c) * inner;
+                for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
+                    const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
+                    backward_block(j->src + base + i, j->g + base + i, j->dst + base + i, len,
+                                   j->kind, j->p0, j->p1, j->from_output, j->s[c], j->b[c],
+                                   &total);
+                }
+            }
+            part[c] += total;
+        }
+        return;
+    }
+    const Py_ssize_t W = C * inner, L = row_span(W);
+    float *acc = calloc((size_t)L, sizeof *acc);
+    double *d = calloc((size_t)L, sizeof *d);
+    if (!acc || !d) {
+        free(acc);
+        free(d);
+        j->status[t] = -1;
+        return;
     }
     int spans = 0;
-    for (Py_ssize_t start = 0; start < total; start += L) {
-        const Py_ssize_t n = total - start < L ? total - start : L;
-        backward_span(src + start, g + start, gx + start, n, kind, p0, p1, from_output, sp, bp,
-                      acc);
+    for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
+        const Py_ssize_t n = r.o1 * W - start < L ? r.o1 * W - start : L;
+        backward_span(j->src + start, j->g + start, j->dst + start, n, j->kind, j->p0, j->p1,
+                      j->from_output, j->pos, j->pos + L, acc);
         if (++spans == ROW_FLUSH) {
             flush(acc, d, L);
             spans = 0;
         }
     }
-    if (gsum) {
-        flush(acc, d, L);
-        memset(gsum, 0, (size_t)C * sizeof *gsum);
-        for (Py_ssize_t p = 0; p < L; p++)
-            gsum[channel_of(p, W, inner)] += d[p];
-    }
-    free(f);
+    flush(acc, d, L);
+    for (Py_ssize_t p = 0; p < L; p++)
+        part[channel_of(p, W, inner)] += d[p];
+    free(acc);
     free(d);
+}
+
+/* ---- threads ---------------------------------------------------------------------------- */
+
+typedef void (*task_fn)(pass_job *, int);
+
+#ifndef _WIN32
+#include <pthread.h>
+
+typedef struct {
+    pass_job *job;
+    task_fn fn;
+    int t;
+} task_arg;
+
+static void *task_main(void *p) {
+    task_arg *a = p;
+    a->fn(a->job, a->t);
+    return NULL;
+}
+
+/* runs fn(job, 0..ntasks-1), task 0 on the calling thread; a thread that cannot be
+ * started runs its task on the calling thread */
+static void run_tasks(pass_job *j, task_fn fn) {
+    pthread_t th[MAX_TASKS];
+    task_arg args[MAX_TASKS];
+    int started[MAX_TASKS] = {0};
+    for (int t = 1; t < j->ntasks; t++) {
+        args[t] = (task_arg){j, fn, t};
+        started[t] = pthread_create(&th[t], NULL, task_main, &args[t]) == 0;
+    }
+    fn(j, 0);
+    for (int t = 1; t < j->ntasks; t++) {
+        if (started[t])
+            pthread_join(th[t], NULL);
+        else
+            fn(j, t);
+    }
+}
+#else
+static void run_tasks(pass_job *j, task_fn fn) {
+    for (int t = 0; t < j->ntasks; t++)
+        fn(j, t);
+}
+#endif
+
+/* sets up the job's tasks and partial sums (n_sums per channel and task), runs fn;
+ * returns 0, or -1 when out of memory */
+static int run_pass(pass_job *j, int threads, int n_sums, task_fn fn) {
+    j->rows = uses_rows(j->C, j->inner);
+    j->ntasks = count_tasks(j, threads);
+    memset(j->status, 0, sizeof j->status);
+    j->partial = NULL;
+    if (n_sums && !(j->partial = calloc((size_t)(j->ntasks * j->C * n_sums), sizeof(double))))
+        return -1;
+    run_tasks(j, fn);
+    for (int t = 0; t < j->ntasks; t++)
+        if (j->status[t] < 0)
+            return -1;
     return 0;
+}
+
+/* per-position copies of per-channel values for the row loops: out[k·L + p] = in_k[c(p)] */
+static float *positions(const pass_job *j, const float *const *in, int n) {
+    const Py_ssize_t W = j->C * j->inner, L = row_span(W);
+    float *out = malloc((size_t)(n * L) * sizeof *out);
+    if (out)
+        for (int k = 0; k < n; k++)
+            for (Py_ssize_t p = 0; p < L; p++)
+                out[k * L + p] = in[k][channel_of(p, W, j->inner)];
+    return out;
+}
+
+static int stats_impl(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
+                      Py_ssize_t inner, int kind, float p0, float p1, double *sums,
+                      int threads) {
+    pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p0 = p0, .p1 = p1,
+                  .src = x, .dst = y};
+    float *k = malloc((size_t)(2 * C) * sizeof *k);
+    if (!k)
+        return -1;
+    for (Py_ssize_t c = 0; c < C; c++) { /* each channel's first element */
+        k[c] = x[c * inner];
+        k[C + c] = act_fn(kind, k[c], p1);
+    }
+    j.kx = k;
+    j.ky = k + C;
+    const float *per_channel[2] = {j.kx, j.ky};
+    float *pos = NULL;
+    if (uses_rows(C, inner) && !(pos = positions(&j, per_channel, 2))) {
+        free(k);
+        return -1;
+    }
+    j.pos = pos;
+    int rc = run_pass(&j, threads, 5, stats_task);
+    if (rc == 0) {
+        for (Py_ssize_t c = 0; c < C; c++) {
+            double *row = sums + 7 * c;
+            for (int q = 0; q < 5; q++) {
+                row[q] = 0.0;
+                for (int t = 0; t < j.ntasks; t++)
+                    row[q] += j.partial[(t * C + c) * 5 + q];
+            }
+            row[5] = k[c];
+            row[6] = k[C + c];
+        }
+        finish_sums(sums, C, outer * inner, kind, p0, p1);
+    }
+    free(j.partial);
+    free(pos);
+    free(k);
+    return rc;
+}
+
+static int affine_impl(const float *src, float *out, Py_ssize_t outer, Py_ssize_t C,
+                       Py_ssize_t inner, int kind, float p1, int apply, const float *s,
+                       const float *b, int nudge, int threads) {
+    pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p1 = p1, .src = src,
+                  .dst = out, .s = s, .b = b, .apply = apply, .nudge = nudge};
+    float *pos = NULL, *tie = NULL;
+    if (uses_rows(C, inner)) {
+        if (!(tie = malloc((size_t)(2 * C) * sizeof *tie)))
+            return -1;
+        for (Py_ssize_t c = 0; c < C; c++) {
+            tie[c] = tie_target(s[c], b[c]);
+            tie[C + c] = tie_away(s[c], tie[c]);
+        }
+        const float *per_channel[4] = {s, b, tie, tie + C};
+        if (!(pos = positions(&j, per_channel, 4))) {
+            free(tie);
+            return -1;
+        }
+    }
+    j.pos = pos;
+    const int rc = run_pass(&j, threads, 0, affine_task);
+    free(pos);
+    free(tie);
+    return rc;
 }
 
 static int backward_impl(const float *src, const float *g, float *gx, Py_ssize_t outer,
                          Py_ssize_t C, Py_ssize_t inner, int kind, float p0, float p1,
-                         int from_output, const float *s, const float *bt, double *gsum) {
-    if (C > 1 && inner < ROW_INNER)
-        return backward_rows(src, g, gx, outer, C, inner, kind, p0, p1, from_output, s, bt,
-                             gsum);
-    backward_channels(src, g, gx, outer, C, inner, kind, p0, p1, from_output, s, bt, gsum);
-    return 0;
+                         int from_output, const float *s, const float *bt, double *gsum,
+                         int threads) {
+    pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p0 = p0, .p1 = p1,
+                  .src = src, .dst = gx, .g = g, .s = s, .b = bt,
+                  .from_output = from_output};
+    float *pos = NULL;
+    const float *per_channel[2] = {s, bt};
+    if (uses_rows(C, inner) && !(pos = positions(&j, per_channel, 2)))
+        return -1;
+    j.pos = pos;
+    const int rc = run_pass(&j, threads, 1, backward_task);
+    if (rc == 0 && gsum)
+        for (Py_ssize_t c = 0; c < C; c++) {
+            gsum[c] = 0.0;
+            for (int t = 0; t < j.ntasks; t++)
+                gsum[c] += j.partial[t * C + c];
+        }
+    free(j.partial);
+    free(pos);
+    return rc;
 }
 
 /* -------------------------------------------------------------------------------------
@@ -548,7 +730,7 @@ static int backward_impl(const float *src, const float *g, float *gx, Py_ssize_t
 #define GIL_FREE_FROM 65536 /* elements: long enough to let other Python threads run */
 
 static int check_layout(const char *name, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                        int kind) {
+                        int kind, int threads) {
     if (outer < 1 || C < 1 || inner < 1) {
         PyErr_Format(PyExc_ValueError, "%s: outer, C, inner must be >= 1, got %zd, %zd, %zd",
                      name, outer, C, inner);
@@ -556,6 +738,10 @@ static int check_layout(const char *name, Py_ssize_t outer, Py_ssize_t C, Py_ssi
     }
     if (kind < 0 || kind >= KINDS) {
         PyErr_Format(PyExc_ValueError, "%s: unknown kind %d", name, kind);
+        return 0;
+    }
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: threads must be >= 1, got %d", name, threads);
         return 0;
     }
     return 1;
@@ -577,45 +763,47 @@ static int check_layout(const char *name, Py_ssize_t outer, Py_ssize_t C, Py_ssi
     }
 
 PyDoc_STRVAR(stats_doc,
-"stats(x_ptr, y_ptr, outer, C, inner, kind, p0, p1, sums_ptr)\n\n"
+"stats(x_ptr, y_ptr, outer, C, inner, kind, p0, p1, sums_ptr, threads=1)\n\n"
 "y = δ(x) into y_ptr; per channel the row (Σ(x-kx), Σ(x-kx)²,\n"
-"Σ(y-ky), Σ(y-ky)², Σδ'², kx, ky) into sums_ptr (C×7 float64).");
+"Σ(y-ky), Σ(y-ky)², Σδ'², kx, ky) into sums_ptr (C×7 float64).\n"
+"threads: at most this many threads (from 65536 elements per thread).");
 
 static PyObject *py_stats(PyObject *self, PyObject *args) {
     unsigned long long xp, yp, sp;
     Py_ssize_t outer, C, inner;
-    int kind;
+    int kind, threads = 1;
     double p0, p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnniddK:stats", &xp, &yp, &outer, &C, &inner, &kind, &p0,
-                          &p1, &sp))
+    if (!PyArg_ParseTuple(args, "KKnnniddK|i:stats", &xp, &yp, &outer, &C, &inner, &kind, &p0,
+                          &p1, &sp, &threads))
         return NULL;
-    if (!check_layout("stats", outer, C, inner, kind))
+    if (!check_layout("stats", outer, C, inner, kind, threads))
         return NULL;
     if (!xp || !yp || !sp) {
         PyErr_SetString(PyExc_ValueError, "stats: x, y and sums are required");
         return NULL;
     }
     RUN(outer * C * inner, stats_impl(PTR(const float, xp), PTR(float, yp), outer, C, inner,
-                                      kind, (float)p0, (float)p1, PTR(double, sp)))
+                                      kind, (float)p0, (float)p1, PTR(double, sp), threads))
     Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(affine_doc,
-"affine(src_ptr, out_ptr, outer, C, inner, kind, p1, apply, s_ptr, b_ptr, nudge)\n\n"
+"affine(src_ptr, out_ptr, outer, C, inner, kind, p1, apply, s_ptr, b_ptr, nudge,\n"
+"       threads=1)\n\n"
 "out = (y - b)·s per channel, y = δ(src) (apply) or src (src_ptr may be out_ptr);\n"
 "s, b: C float32. nudge: move outputs with y > 0 that rounded onto (0 - b)·s.");
 
 static PyObject *py_affine(PyObject *self, PyObject *args) {
     unsigned long long srcp, outp, sp, bp;
     Py_ssize_t outer, C, inner;
-    int kind, apply, nudge;
+    int kind, apply, nudge, threads = 1;
     double p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnnidpKKp:affine", &srcp, &outp, &outer, &C, &inner, &kind,
-                          &p1, &apply, &sp, &bp, &nudge))
+    if (!PyArg_ParseTuple(args, "KKnnnidpKKp|i:affine", &srcp, &outp, &outer, &C, &inner,
+                          &kind, &p1, &apply, &sp, &bp, &nudge, &threads))
         return NULL;
-    if (!check_layout("affine", outer, C, inner, kind))
+    if (!check_layout("affine", outer, C, inner, kind, threads))
         return NULL;
     if (!srcp || !outp || !sp || !bp) {
         PyErr_SetString(PyExc_ValueError, "affine: src, out, s and b are required");
@@ -623,13 +811,14 @@ static PyObject *py_affine(PyObject *self, PyObject *args) {
     }
     RUN(outer * C * inner,
         affine_impl(PTR(const float, srcp), PTR(float, outp), outer, C, inner, kind,
-                    (float)p1, apply, PTR(const float, sp), PTR(const float, bp), nudge))
+                    (float)p1, apply, PTR(const float, sp), PTR(const float, bp), nudge,
+                    threads))
     Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(backward_doc,
 "backward(src_ptr, g_ptr, gx_ptr, outer, C, inner, kind, p0, p1, from_output, s_ptr,\n"
-"         bt_ptr, gsum_ptr)\n\n"
+"         bt_ptr, gsum_ptr, threads=1)\n\n"
 "gx = g·δ'·s into gx_ptr; gsum[c] = Σ g·(δ(x) - b) from x, or Σ g·out\n"
 "from the output (gsum_ptr 0: not summed). bt: b (from x) or t = (0 - b)·s (from the\n"
 "output), C float32; gsum: C float64.");
@@ -637,13 +826,13 @@ PyDoc_STRVAR(backward_doc,
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     unsigned long long srcp, gp, gxp, sp, btp, gsp;
     Py_ssize_t outer, C, inner;
-    int kind, from_output;
+    int kind, from_output, threads = 1;
     double p0, p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnnniddpKKK:backward", &srcp, &gp, &gxp, &outer, &C, &inner,
-                          &kind, &p0, &p1, &from_output, &sp, &btp, &gsp))
+    if (!PyArg_ParseTuple(args, "KKKnnniddpKKK|i:backward", &srcp, &gp, &gxp, &outer, &C,
+                          &inner, &kind, &p0, &p1, &from_output, &sp, &btp, &gsp, &threads))
         return NULL;
-    if (!check_layout("backward", outer, C, inner, kind))
+    if (!check_layout("backward", outer, C, inner, kind, threads))
         return NULL;
     if (!srcp || !gp || !gxp || !sp || !btp) {
         PyErr_SetString(PyExc_ValueError, "backward: src, g, gx, s and bt are required");
@@ -658,11 +847,32 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     RUN(outer * C * inner,
         backward_impl(PTR(const float, srcp), PTR(const float, gp), PTR(float, gxp), outer, C,
                       inner, kind, above, (float)p1, from_output, PTR(const float, sp),
-                      PTR(const float, btp), PTR(double, gsp)))
+                      PTR(const float, btp), PTR(double, gsp), threads))
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(plan_doc,
+"plan(outer, C, inner, threads) -> (tasks, split, rows)\n\n"
+"How a pass over this layout is run: the number of tasks (threads), the dimension\n"
+"they split ('c' channels, 'o' rows, 'i' inner) and whether the row loops run.");
+
+static PyObject *py_plan(PyObject *self, PyObject *args) {
+    Py_ssize_t outer, C, inner;
+    int threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnni:plan", &outer, &C, &inner, &threads))
+        return NULL;
+    if (!check_layout("plan", outer, C, inner, 0, threads))
+        return NULL;
+    pass_job j = {.outer = outer, .C = C, .inner = inner};
+    j.rows = uses_rows(C, inner);
+    j.ntasks = count_tasks(&j, threads);
+    const char d = split_dim(&j, j.ntasks);
+    return Py_BuildValue("(iCO)", j.ntasks, d, j.rows ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
+    {"plan", py_plan, METH_VARARGS, plan_doc},
     {"stats", py_stats, METH_VARARGS, stats_doc},
     {"affine", py_affine, METH_VARARGS, affine_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},

@@ -313,16 +313,83 @@ def test_native_steps_aside_where_it_does_not_apply():
     assert out.shape == x.shape
 
 
-def test_native_follows_torch_thread_count(monkeypatch):
-    """Large inputs run natively only where torch runs single-threaded (the C passes use
-    one core): with more threads, another path runs."""
-    big = torch.randn(native.PARALLEL_NUMEL + 8)
-    act = get_activation("relu")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert not native.applies(big, act, None, None)
-    assert native.applies(big[: native.PARALLEL_NUMEL - 1], act, None, None)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert native.applies(big, act, None, None)
+@pytest.mark.parametrize(
+    "layout,split",
+    [((1, 1, 400_000), "i"), ((3, 2, 150_000), "o"), ((40, 64, 160), "c"),
+     ((3000, 100, 1), "o"), ((2, 3, 200_000), "i")],
+)  # fmt: skip
+@pytest.mark.parametrize("kind,p1", [(native.KIND_SIGN, 0.2), (native.KIND_SWISH, 0.0)])
+def test_c_passes_on_several_threads(layout, split, kind, p1):
+    """The passes split over threads (by channels, rows or the inner dimension): outputs and
+    ∂L/∂x equal the one-thread ones bit for bit, the sums agree with float64."""
+    outer, c, inner = layout
+    tasks, how, _ = native._nactcpu.plan(outer, c, inner, 3)
+    assert tasks == 3 and how == split
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.normal(2.0, 1.5, layout).astype(np.float32))
+    g = torch.from_numpy(rng.normal(0, 1, layout).astype(np.float32))
+    s = torch.tensor(np.linspace(1.3, 0.7, c), dtype=torch.float32)
+    b = torch.tensor(np.linspace(-0.5, 0.5, c), dtype=torch.float32)
+    results = {}
+    for threads in (1, 3):
+        y, out, gx = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        sums, gsum = torch.empty(c, 7, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        lib = native._nactcpu
+        lib.stats(x.data_ptr(), y.data_ptr(), outer, c, inner, kind, 1.0, p1, sums.data_ptr(),
+                  threads)  # fmt: skip
+        lib.affine(y.data_ptr(), out.data_ptr(), outer, c, inner, kind, p1, False, s.data_ptr(),
+                   b.data_ptr(), True, threads)  # fmt: skip
+        lib.backward(x.data_ptr(), g.data_ptr(), gx.data_ptr(), outer, c, inner, kind, 1.0, p1,
+                     False, s.data_ptr(), b.data_ptr(), gsum.data_ptr(), threads)  # fmt: skip
+        results[threads] = (y, out, gx, sums, gsum)
+    for a, r in zip(results[3][:3], results[1][:3], strict=True):
+        assert torch.equal(a, r)
+    x64, g64 = x.double().numpy(), g.double().numpy()
+    if kind == native.KIND_SWISH:
+        sig = 1 / (1 + np.exp(-x64))
+        y64, d64 = x64 * sig, sig * (1 + x64 * (1 - sig))
+    else:
+        y64, d64 = np.where(x64 > 0, x64, p1 * x64), np.where(x64 > 0, 1.0, p1)
+    kx, ky = x64[0, :, 0], y64[0, :, 0]
+    xc, yc = x64 - kx[None, :, None], y64 - ky[None, :, None]
+    expect = np.stack([xc.sum((0, 2)), (xc**2).sum((0, 2)), yc.sum((0, 2)), (yc**2).sum((0, 2)),
+                       (d64**2).sum((0, 2))], axis=1)  # fmt: skip
+    expect_g = ((y64 - b.double().numpy()[None, :, None]) * g64).sum((0, 2))
+    for threads in (1, 3):
+        sums, gsum = results[threads][3], results[threads][4]
+        scale = np.abs(expect).max(axis=0) * 1e-6 + 1e-3
+        np.testing.assert_allclose(sums[:, :5].numpy(), expect, rtol=2e-5, atol=scale.max())
+        np.testing.assert_allclose(gsum.numpy(), expect_g, rtol=2e-5,
+                                   atol=1e-6 * np.abs(expect_g).max() + 1e-3)  # fmt: skip
+
+
+def test_native_uses_torch_thread_count(monkeypatch):
+    """From PARALLEL_NUMEL elements a pass takes torch.get_num_threads() threads (as torch's
+    own element-wise ops do); below, one. The module's results match eager either way."""
+    calls = []
+    real = native._nactcpu
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+
+            def call(*args):
+                calls.append((name, args[-1]))
+                return fn(*args)
+
+            return call
+
+    monkeypatch.setattr(native, "_nactcpu", Spy())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    torch.manual_seed(8)
+    for shape, threads in (((4, 8, 32, 32), 3), ((4, 8, 8, 8), 1)):
+        x, g = torch.randn(shape), torch.randn(shape)
+        make = _module("swish", None, shape, 1)
+        calls.clear()
+        got = _run("native", make, x, steps=2, g=g)
+        assert {n for n, _ in calls} == {"stats", "affine", "backward"}
+        assert {t for _, t in calls} == {threads}
+        _assert_same(got, _run("eager", make, x, steps=2, g=g), torch.float32)
 
 
 def test_auto_prefers_native_and_native_falls_back_to_eager():

@@ -21,11 +21,13 @@ exist, checked against the registry's functions) on contiguous float32 CPU tenso
 per tensor or per channel (any ``channel_dim``: the C side walks channels-first layouts
 channel by channel and channels-last ones, e.g. (N, T, C) with ``channel_dim=-1``,
 row by row with one accumulator per position), without a mask, outside torch.compile,
-functorch transforms and tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``),
-and where torch itself would run single-threaded: ``torch.get_num_threads() == 1`` or
-fewer than :data:`PARALLEL_NUMEL` elements (the C passes use one core; torch's ops
-split large tensors across its threads). Elsewhere :func:`applies` says False and the
-caller runs another path.
+functorch transforms and tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``).
+Elsewhere :func:`applies` says False and the caller runs another path.
+
+Threads: from :data:`PARALLEL_NUMEL` elements (torch's own grain size) a pass splits
+the tensor over ``torch.get_num_threads()`` threads of its own, as torch's element-wise
+ops do, at least 65536 elements per thread. Outputs and ∂L/∂x do not depend on the
+number of threads; the sums do, by float rounding (as torch's reductions do).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ __all__ = ["available", "applies", "native_kind", "forward", "NativeNormalizedAc
 
 KIND_SIGN, KIND_SWISH = 0, 1  # KIND_* in _nactcpu.c
 PARALLEL_NUMEL = 32768  # torch's grain size: smaller element-wise ops run on one thread
+
+
+def _threads(numel: int) -> int:
+    """Threads for a pass over ``numel`` elements: torch's count, as its own ops use."""
+    return torch.get_num_threads() if numel >= PARALLEL_NUMEL else 1
 
 
 def available() -> bool:
@@ -106,8 +113,6 @@ def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | 
     if _nactcpu is None or mask is not None or x.dtype is not torch.float32:
         return False
     if not x.is_cpu or not x.is_contiguous() or x.numel() == 0:
-        return False
-    if x.numel() >= PARALLEL_NUMEL and torch.get_num_threads() != 1:
         return False
     if channel_dim is not None:
         outer, c, inner = _layout(x, channel_dim)
@@ -177,6 +182,7 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
             s.data_ptr(),
             b.data_ptr(),
             bool(save_output),
+            _threads(out.numel()),
         )
         return out
 
@@ -214,7 +220,8 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
         gsum = torch.empty(c, dtype=torch.float64) if need_scale else None
         _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
                           outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
-                          bt.data_ptr(), 0 if gsum is None else gsum.data_ptr())  # fmt: skip
+                          bt.data_ptr(), 0 if gsum is None else gsum.data_ptr(),
+                          _threads(g.numel()))  # fmt: skip
         grad_scale = None
         if gsum is not None:
             grad_scale = gsum.to(scale.dtype).reshape(scale.shape)
@@ -257,7 +264,7 @@ def forward(
     if batch:
         sums = torch.empty((c, 7), dtype=torch.float64)
         _nactcpu.stats(x.data_ptr(), out.data_ptr(), outer, c, inner, kind[0], kind[1], kind[2],
-                       sums.data_ptr())  # fmt: skip
+                       sums.data_ptr(), _threads(x.numel()))  # fmt: skip
     stat_dtype = AF._stat_dtype(x)
     if channel_dim is None and on_moments is None and reduce_moments is None:
         # per tensor: the statistics on Python floats (a few µs instead of ~40 tensor ops)
