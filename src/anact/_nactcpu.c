@@ -20,6 +20,9 @@
  *     time, one float32 accumulator per position of the span (summed over ROW_FLUSH
  *     spans, then added in double), positions gathered into their channels at the end.
  *
+ * Threads: each pass may split the tensor into tasks run on threads of its own (see
+ * "Drivers" below); outputs never depend on the split, sums do by float rounding.
+ *
  * Element formulas are those of anact.functional's eager code, in the same order of
  * float32 operations (y − b, then ·s; g·δ', then ·s), so outputs and gradients agree
  * with it bit for bit for ReLU/LeakyReLU and to an ulp or two for Swish (whose exp is
@@ -171,6 +174,17 @@ static Py_ssize_t channel_of(Py_ssize_t p, Py_ssize_t W, Py_ssize_t inner) {
     return (p % W) / inner;
 }
 
+/* one element's share of the five sums at position I (locals of stats_span) */
+#define ADD_POSITION_SUMS(I, XV, YV, DSQ)                                                 \
+    {                                                                                     \
+        const float xc = (XV) - kx[I], yc = (YV) - ky[I];                                 \
+        a0[I] += xc;                                                                      \
+        a1[I] += xc * xc;                                                                 \
+        a2[I] += yc;                                                                      \
+        a3[I] += yc * yc;                                                                 \
+        a4[I] += (DSQ);                                                                   \
+    }
+
 MULTIVERSION
 static void stats_span(const float *restrict x, float *restrict y, Py_ssize_t n, int kind,
                        float p1, const float *restrict kx, const float *restrict ky,
@@ -183,26 +197,16 @@ static void stats_span(const float *restrict x, float *restrict y, Py_ssize_t n,
             const float s = sigmoid_f32(xv);
             const float yv = xv * s;
             const float d = s * (1.0f + xv * (1.0f - s));
-            const float xc = xv - kx[i], yc = yv - ky[i];
             y[i] = yv;
-            a0[i] += xc;
-            a1[i] += xc * xc;
-            a2[i] += yc;
-            a3[i] += yc * yc;
-            a4[i] += d * d;
+            ADD_POSITION_SUMS(i, xv, yv, d * d)
         }
     } else {
 #pragma omp simd
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = x[i];
             const float yv = sign_fn(xv, p1);
-            const float xc = xv - kx[i], yc = yv - ky[i];
             y[i] = yv;
-            a0[i] += xc;
-            a1[i] += xc * xc;
-            a2[i] += yc;
-            a3[i] += yc * yc;
-            a4[i] += xv > 0.0f ? 1.0f : 0.0f;
+            ADD_POSITION_SUMS(i, xv, yv, xv > 0.0f ? 1.0f : 0.0f)
         }
     }
 }
