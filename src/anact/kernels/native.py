@@ -33,6 +33,7 @@ number of threads; the sums do, by float rounding (as torch's reductions do).
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable
 
 import torch
@@ -152,7 +153,11 @@ def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) ->
 
 def _per_channel(t: Tensor, c: int) -> Tensor:
     """A () or (C,) statistic as C contiguous float32 values for the C passes."""
-    return t.detach().to(torch.float32).reshape(-1).expand(c).contiguous()
+    t = t.detach()
+    if t.dtype is not torch.float32:
+        t = t.to(torch.float32)
+    t = t.reshape(-1)
+    return (t if t.numel() == c else t.expand(c)).contiguous()
 
 
 class NativeNormalizedActivationFn(torch.autograd.Function):
@@ -270,7 +275,8 @@ def forward(
         # per tensor: the statistics on Python floats (a few µs instead of ~40 tensor ops)
         if batch:
             values = _moment_values(sums, outer * inner)
-            values = torch.tensor(values, dtype=stat_dtype).tolist()  # rounded as stored
+            if stat_dtype is torch.float32:  # rounded as stored
+                values = array("f", values).tolist()
             rho, rho_prime, mu, valid = AF._normalization_stats_floats(
                 values, running_rho, running_rho_prime, running_mean, num_batches_tracked,
                 training=training, momentum=momentum, bounds=bounds, dtype=stat_dtype,
