@@ -268,6 +268,10 @@ def test_c_arguments_are_checked():
         native._nactcpu.stats(x.data_ptr(), x.data_ptr(), 1, 0, 4, 0, 1.0, 0.0, sums.data_ptr())
     with pytest.raises(ValueError, match="unknown kind"):
         native._nactcpu.stats(x.data_ptr(), x.data_ptr(), 1, 1, 4, 7, 1.0, 0.0, sums.data_ptr())
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        native._nactcpu.stats(x.data_ptr(), x.data_ptr(), 1, 1, 4, 0, 1.0, 0.0, sums.data_ptr(), 0)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        native._nactcpu.plan(1, 1, 4, -2)
     with pytest.raises(ValueError, match="required"):
         native._nactcpu.stats(x.data_ptr(), 0, 1, 1, 4, 0, 1.0, 0.0, sums.data_ptr())
     with pytest.raises(ValueError, match="sign kind"):
