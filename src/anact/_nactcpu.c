@@ -94,6 +94,11 @@ static inline float exp_f32(float x) {
 /* σ(x) = 1/(1 + e^−x) */
 static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
+/* Swish's δ'(x) = σ(1 + x(1 − σ)), given σ = σ(x) */
+static inline float swish_derivative(float x, float sig) {
+    return sig * (1.0f + x * (1.0f - sig));
+}
+
 /* the sign kinds' δ: ReLU (p1 = 0) as torch.relu (NaN and −0 stay), else LeakyReLU */
 static inline float sign_fn(float x, float p1) {
     return p1 == 0.0f ? (x < 0.0f ? 0.0f : x) : (x > 0.0f ? x : x * p1);
@@ -129,7 +134,7 @@ static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n
             const float xv = x[i];
             const float s = sigmoid_f32(xv);
             const float yv = xv * s;
-            const float d = s * (1.0f + xv * (1.0f - s));
+            const float d = swish_derivative(xv, s);
             y[i] = yv;
             ADD_SUMS(xv, yv, d * d)
         }
@@ -196,7 +201,7 @@ static void stats_span(const float *restrict x, float *restrict y, Py_ssize_t n,
             const float xv = x[i];
             const float s = sigmoid_f32(xv);
             const float yv = xv * s;
-            const float d = s * (1.0f + xv * (1.0f - s));
+            const float d = swish_derivative(xv, s);
             y[i] = yv;
             ADD_POSITION_SUMS(i, xv, yv, d * d)
         }
@@ -300,7 +305,7 @@ static void backward_block(const float *restrict src, const float *restrict g,
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = src[i], gv = g[i];
             const float sig = sigmoid_f32(xv);
-            const float d = sig * (1.0f + xv * (1.0f - sig));
+            const float d = swish_derivative(xv, sig);
             gx[i] = gv * d * s;
             acc += (xv * sig - bt) * gv;
         }
@@ -342,7 +347,7 @@ static void backward_span(const float *restrict src, const float *restrict g,
         for (Py_ssize_t i = 0; i < n; i++) {
             const float xv = src[i], gv = g[i];
             const float sig = sigmoid_f32(xv);
-            const float d = sig * (1.0f + xv * (1.0f - sig));
+            const float d = swish_derivative(xv, sig);
             gx[i] = gv * d * s[i];
             acc[i] += (xv * sig - bt[i]) * gv;
         }
