@@ -18,7 +18,8 @@
  *   row loops (C > 1, inner < ROW_INNER: channels last, e.g. (N, T, C) with C in the
  *     last dimension): along memory, a span of whole rows of W = C·inner elements at a
  *     time, one float32 accumulator per position of the span (summed over ROW_FLUSH
- *     spans, then added in double), positions gathered into their channels at the end.
+ *     spans, then added in double), positions gathered into their channels at the end;
+ *     spans wider than ROW_TILE are summed one tile of positions at a time.
  *
  * Threads: each pass may split the tensor into tasks run on threads of its own (see
  * "Drivers" below); outputs never depend on the split, sums do by float rounding.
@@ -45,6 +46,8 @@
 #define ROW_INNER 128
 #define ROW_SPAN 256  /* elements per row-loop call when a row (C·inner) is shorter */
 #define ROW_FLUSH 32  /* spans summed in float32 before the double totals */
+#define ROW_TILE 2048 /* positions summed at a time: a wide row is walked in tiles, so that
+                         the accumulators stay in cache and small */
 
 /* δ: must match KIND_* in anact/kernels/native.py */
 enum {
@@ -177,6 +180,12 @@ static Py_ssize_t row_span(Py_ssize_t W) { return W >= ROW_SPAN ? W : (ROW_SPAN 
 
 static Py_ssize_t channel_of(Py_ssize_t p, Py_ssize_t W, Py_ssize_t inner) {
     return (p % W) / inner;
+}
+
+/* elements of positions [j0, j0 + TW) in a span of min(left, L) elements (0 if none) */
+static Py_ssize_t tile_length(Py_ssize_t left, Py_ssize_t L, Py_ssize_t j0, Py_ssize_t TW) {
+    const Py_ssize_t n = (left < L ? left : L) - j0;
+    return n <= 0 ? 0 : (n < TW ? n : TW);
 }
 
 /* one element's share of the five sums at position I (locals of stats_span) */
@@ -465,9 +474,9 @@ static void stats_task(pass_job *j, int t) {
         }
         return;
     }
-    const Py_ssize_t W = C * inner, L = row_span(W);
-    float *a = calloc((size_t)(5 * L), sizeof *a);
-    double *d = calloc((size_t)(5 * L), sizeof *d);
+    const Py_ssize_t W = C * inner, L = row_span(W), TW = L < ROW_TILE ? L : ROW_TILE;
+    float *a = calloc((size_t)(5 * TW), sizeof *a);
+    double *d = malloc((size_t)(5 * TW) * sizeof *d);
     if (!a || !d) {
         free(a);
         free(d);
@@ -475,20 +484,23 @@ static void stats_task(pass_job *j, int t) {
         return;
     }
     const float *kx = j->pos, *ky = j->pos + L;
-    int spans = 0;
-    for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
-        const Py_ssize_t n = r.o1 * W - start < L ? r.o1 * W - start : L;
-        stats_span(j->src + start, j->dst + start, n, j->kind, j->p1, kx, ky, a, a + L,
-                   a + 2 * L, a + 3 * L, a + 4 * L);
-        if (++spans == ROW_FLUSH) {
-            flush(a, d, 5 * L);
-            spans = 0;
+    for (Py_ssize_t j0 = 0; j0 < L; j0 += TW) { /* positions [j0, j0 + TW) of every span */
+        memset(d, 0, (size_t)(5 * TW) * sizeof *d);
+        int spans = 0;
+        for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
+            const Py_ssize_t n = tile_length(r.o1 * W - start, L, j0, TW);
+            stats_span(j->src + start + j0, j->dst + start + j0, n, j->kind, j->p1, kx + j0,
+                       ky + j0, a, a + TW, a + 2 * TW, a + 3 * TW, a + 4 * TW);
+            if (++spans == ROW_FLUSH) {
+                flush(a, d, 5 * TW);
+                spans = 0;
+            }
         }
+        flush(a, d, 5 * TW);
+        for (Py_ssize_t p = 0; p < TW && j0 + p < L; p++)
+            for (int k = 0; k < 5; k++)
+                part[channel_of(j0 + p, W, inner) * 5 + k] += d[k * TW + p];
     }
-    flush(a, d, 5 * L);
-    for (Py_ssize_t p = 0; p < L; p++)
-        for (int k = 0; k < 5; k++)
-            part[channel_of(p, W, inner) * 5 + k] += d[k * L + p];
     free(a);
     free(d);
 }
@@ -545,27 +557,31 @@ static void backward_task(pass_job *j, int t) {
         return;
     }
     const Py_ssize_t W = C * inner, L = row_span(W);
-    float *acc = calloc((size_t)L, sizeof *acc);
-    double *d = calloc((size_t)L, sizeof *d);
+    const Py_ssize_t TW = L < ROW_TILE ? L : ROW_TILE;
+    float *acc = calloc((size_t)TW, sizeof *acc);
+    double *d = malloc((size_t)TW * sizeof *d);
     if (!acc || !d) {
         free(acc);
         free(d);
         j->status[t] = -1;
         return;
     }
-    int spans = 0;
-    for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
-        const Py_ssize_t n = r.o1 * W - start < L ? r.o1 * W - start : L;
-        backward_span(j->src + start, j->g + start, j->dst + start, n, j->kind, j->p0, j->p1,
-                      j->from_output, j->pos, j->pos + L, acc);
-        if (++spans == ROW_FLUSH) {
-            flush(acc, d, L);
-            spans = 0;
+    for (Py_ssize_t j0 = 0; j0 < L; j0 += TW) { /* positions [j0, j0 + TW) of every span */
+        memset(d, 0, (size_t)TW * sizeof *d);
+        int spans = 0;
+        for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
+            const Py_ssize_t n = tile_length(r.o1 * W - start, L, j0, TW), o = start + j0;
+            backward_span(j->src + o, j->g + o, j->dst + o, n, j->kind, j->p0, j->p1,
+                          j->from_output, j->pos + j0, j->pos + L + j0, acc);
+            if (++spans == ROW_FLUSH) {
+                flush(acc, d, TW);
+                spans = 0;
+            }
         }
+        flush(acc, d, TW);
+        for (Py_ssize_t p = 0; p < TW && j0 + p < L; p++)
+            part[channel_of(j0 + p, W, inner)] += d[p];
     }
-    flush(acc, d, L);
-    for (Py_ssize_t p = 0; p < L; p++)
-        part[channel_of(p, W, inner)] += d[p];
     free(acc);
     free(d);
 }

@@ -208,8 +208,8 @@ def test_swish_of_the_c_exp_against_float64():
 @pytest.mark.parametrize(
     "layout",
     [(1, 1, 5000), (3, 4, 700), (2, 3, 129),  # channel loops
-     (2, 3, 17), (9, 5, 3), (2000, 6, 1), (70, 300, 1), (40, 21, 15)],  # row loops (flushed,
-    # wide rows)
+     (2, 3, 17), (9, 5, 3), (2000, 6, 1), (70, 300, 1), (40, 21, 15),  # row loops (flushed,
+     (40, 5000, 1), (3, 700, 7)],  # wide rows, rows wider than a tile: ROW_TILE = 2048)
 )  # fmt: skip
 def test_c_sums_against_float64(kind, p1, layout):
     """Per-channel sums of the stats pass (shifted by each channel's first element) and
@@ -320,7 +320,7 @@ def test_native_steps_aside_where_it_does_not_apply():
 @pytest.mark.parametrize(
     "layout,split",
     [((1, 1, 400_000), "i"), ((3, 2, 150_000), "o"), ((40, 64, 160), "c"),
-     ((3000, 100, 1), "o"), ((2, 3, 200_000), "i")],
+     ((3000, 100, 1), "o"), ((2, 3, 200_000), "i"), ((100, 700, 7), "o")],
 )  # fmt: skip
 @pytest.mark.parametrize("kind,p1", [(native.KIND_SIGN, 0.2), (native.KIND_SWISH, 0.0)])
 def test_c_passes_on_several_threads(layout, split, kind, p1):
