@@ -416,19 +416,25 @@ def test_native_nan_batch_warns_and_is_left_out_like_eager():
         assert torch.isnan(out[2, 3])
 
 
-def test_native_double_backward_matches_eager():
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_native_double_backward_matches_eager(per_channel):
+    """Second derivatives through x and α (∂L/∂x depends on α through the scale)."""
     torch.manual_seed(7)
-    x0 = torch.randn(5, 40)
+    x0 = torch.randn(12, 40) + 0.3  # no channel without a positive ReLU input
     grads = {}
     for backend in ("native", "eager"):
         for name in ("swish", "relu"):
-            m = anact.NormalizedActivation(name)
+            m = anact.NormalizedActivation(name, 40 if per_channel else None,
+                                           channel_dim=1 if per_channel else None)
+            with torch.no_grad():
+                m.alpha.fill_(0.3)
             x = x0.clone().requires_grad_()
             with K.backend(backend):
                 out = m(x)
-            (gx,) = torch.autograd.grad((out**2).sum(), x, create_graph=True)
-            (ggx,) = torch.autograd.grad(gx.sum(), x)
-            grads[backend, name] = (gx.detach(), ggx)
+            assert (backend == "native") == type(out.grad_fn).__name__.startswith("Native")
+            gx, ga = torch.autograd.grad((out**2).sum(), (x, m.alpha), create_graph=True)
+            ggx, gga = torch.autograd.grad(gx.sum() + ga.sum(), (x, m.alpha))
+            grads[backend, name] = (gx.detach(), ga.detach(), ggx, gga)
     for name in ("swish", "relu"):
         for a, b in zip(grads["native", name], grads["eager", name], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
