@@ -632,9 +632,14 @@ static void run_tasks(pass_job *j, task_fn fn) {
 
 /* sets up the job's tasks and partial sums (n_sums per channel and task), runs fn;
  * returns 0, or -1 when out of memory */
-static int run_pass(pass_job *j, int threads, int n_sums, task_fn fn) {
+/* the loop order and the number of tasks of a pass (also reported by plan()) */
+static void plan_tasks(pass_job *j, int threads) {
     j->rows = uses_rows(j->C, j->inner);
     j->ntasks = count_tasks(j, threads);
+}
+
+static int run_pass(pass_job *j, int threads, int n_sums, task_fn fn) {
+    plan_tasks(j, threads);
     memset(j->status, 0, sizeof j->status);
     j->partial = NULL;
     if (n_sums && !(j->partial = calloc((size_t)(j->ntasks * j->C * n_sums), sizeof(double))))
@@ -890,8 +895,7 @@ static PyObject *py_plan(PyObject *self, PyObject *args) {
     if (!check_layout("plan", outer, C, inner, 0, threads))
         return NULL;
     pass_job j = {.outer = outer, .C = C, .inner = inner};
-    j.rows = uses_rows(C, inner);
-    j.ntasks = count_tasks(&j, threads);
+    plan_tasks(&j, threads);
     const char d = split_dim(&j, j.ntasks);
     return Py_BuildValue("(iCO)", j.ntasks, d, j.rows ? Py_True : Py_False);
 }
