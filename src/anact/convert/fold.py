@@ -25,15 +25,19 @@ from anact.modules import NormalizedActivation
 __all__ = ["FoldedActivation", "fold"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+# pooling modules by how many trailing dimensions they pool
+_POOLS_BY_DIMS = {
+    1: (nn.MaxPool1d, nn.AdaptiveMaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d),
+    2: (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d),
+    3: (nn.MaxPool3d, nn.AdaptiveMaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d),
+}
+_MAX_POOLS = tuple(k for kinds in _POOLS_BY_DIMS.values() for k in kinds[:2])
+_AVG_POOLS = tuple(k for kinds in _POOLS_BY_DIMS.values() for k in kinds[2:])
 
 
 def _pooled_dims(m: nn.Module) -> int:
     """How many trailing dimensions a pooling module pools (MaxPool2d: 2)."""
-    return int(type(m).__name__[-2])
+    return next(d for d, kinds in _POOLS_BY_DIMS.items() if isinstance(m, kinds))
 
 
 def _commuting_pool(m: nn.Module) -> str | None:
