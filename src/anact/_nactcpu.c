@@ -26,7 +26,7 @@
  *
  * Element formulas are those of anact.functional's eager code, in the same order of
  * float32 operations (y − b, then ·s; g·δ', then ·s), so outputs and gradients agree
- * with it bit for bit for ReLU/LeakyReLU and to an ulp or two for Swish (whose exp is
+ * with it bit for bit for ReLU/LeakyReLU and within 4 ulp for Swish (whose exp is
  * computed here by a polynomial, torch's by SLEEF).
  *
  * The Python side (anact.kernels.native) checks shapes, dtypes and contiguity and passes
@@ -58,7 +58,7 @@ enum {
 };
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
-/* x86-64-v3: AVX2 with FMA (the polynomial of exp_f32 is a chain of multiply-adds) */
+/* x86-64-v3: AVX2 with FMA (the polynomial of sigmoid_f32 is a chain of multiply-adds) */
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
@@ -70,17 +70,20 @@ static inline float bits_to_float(int32_t i) {
     return f;
 }
 
-/* e^x to about 1 ulp, branch-free so that loops of it vectorize. x = n·ln2 + r with
- * |r| ≤ ln2/2 (ln2 in two parts), e^r by Cephes expf's degree-7 polynomial, 2^n as two
- * normal powers of two (n ∈ [−126, 128] after the clamp). NaN → NaN, x ≥ 88.7228 → inf,
- * x < −87.3365 → 0 (no subnormal results: 1/(1 + e^x) and x/(1 + e^x) are unaffected). */
-static inline float exp_f32(float x) {
-    const float hi = 88.72283935546875f, lo = -87.33654475f;
-    float xc = x > hi ? hi : x; /* comparisons with NaN are false: NaN passes through */
-    xc = xc < lo ? lo : xc;
-    float fn = xc * 1.44269504088896341f;
+/* σ(x) = 1/(1 + e^−x), branch-free so that loops of it vectorize, from t = e^−|x| ∈ [0, 1]
+ * (which never overflows): σ = 1/(1 + t) for x ≥ 0, t/(1 + t) below.
+ * t to about 1 ulp: −|x| = n·ln2 + r with |r| ≤ ln2/2 (ln2 in two parts), e^r by Cephes
+ * expf's degree-7 polynomial, 2^n as two normal powers of two (n ∈ [−150, 0] after the
+ * clamp at −104, below which t is 0 in float32: σ(x) = 0 and x·σ(x) = −0 there, as in
+ * torch). A NaN x is clamped to −104 too (a defined conversion to int); its δ = x·σ and
+ * δ' = σ(1 + x(1 − σ)) are NaN through x. */
+static inline float sigmoid_f32(float x) {
+    const float lo = -104.0f;
+    const float a = -fabsf(x);
+    const float ac = a > lo ? a : lo; /* NaN compares false: lo */
+    float fn = ac * 1.44269504088896341f;
     fn = (fn + 12582912.0f) - 12582912.0f; /* round to nearest: |fn| < 2^22 */
-    const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;
+    const float r = (ac - fn * 0.693359375f) - fn * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -88,14 +91,11 @@ static inline float exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    const int32_t n = (int32_t)(fn == fn ? fn : 0.0f); /* NaN: any n, p is NaN */
+    const int32_t n = (int32_t)fn;
     const int32_t half = n >> 1;
-    const float e = p * bits_to_float((half + 127) << 23) * bits_to_float((n - half + 127) << 23);
-    return x >= hi ? INFINITY : (x < lo ? 0.0f : e);
+    const float t = p * bits_to_float((half + 127) << 23) * bits_to_float((n - half + 127) << 23);
+    return (x >= 0.0f ? 1.0f : t) / (1.0f + t);
 }
-
-/* σ(x) = 1/(1 + e^−x) */
-static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 /* Swish's δ'(x) = σ(1 + x(1 − σ)), given σ = σ(x) */
 static inline float swish_derivative(float x, float sig) {

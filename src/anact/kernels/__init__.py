@@ -25,7 +25,7 @@ environment variable ``ANACT_BACKEND`` read at import):
 The default needs no compilation at run time: ``"compiled"`` costs seconds per new
 shape (tens of seconds for the first one in a process) and needs a C++ compiler
 (CPU) or Triton (CUDA). The native passes follow the eager formulas (ReLU's outputs
-and gradients are equal bit for bit given the statistics, Swish's to an ulp or two;
+and gradients are equal bit for bit given the statistics, Swish's within 4 ulp;
 the statistics are sums in another order), tested in tests/kernels/test_native.py.
 When compilation fails, a :class:`KernelWarning` is issued once
 and the call runs eagerly.
