@@ -19,6 +19,7 @@ import math
 import sys
 import threading
 import warnings
+from array import array
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -409,7 +410,21 @@ def _normalization_stats_floats(
     running_rho_prime.fill_(new_rho_prime)
     running_mean.fill_(new_mean)
     num_batches_tracked.add_(1)
-    return running_rho.item(), running_rho_prime.item(), running_mean.item(), True
+    return (_as_stored(new_rho, running_rho), _as_stored(new_rho_prime, running_rho_prime),
+            _as_stored(new_mean, running_mean), True)  # fmt: skip
+
+
+def _as_stored(value: float, buffer: Tensor) -> float:
+    """``value`` as ``buffer.fill_(value)`` stored it, without reading the buffer back."""
+    if buffer.dtype is torch.float64:
+        return value
+    if buffer.dtype is torch.float32 and (_FLOAT32.tiny <= abs(value) <= _FLOAT32.max
+                                          or value == 0):  # fmt: skip
+        return array("f", (value,))[0]  # round to nearest, as the cast in fill_
+    return buffer.item()  # NaN, ±inf, overflow, subnormals (flush-to-zero mode), other dtypes
+
+
+_FLOAT32 = torch.finfo(torch.float32)
 
 
 def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from anact import functional as AF
-from anact.activations import Activation, resolve_activation
+from anact.activations import Activation, _transforms_active, resolve_activation
 from anact.gaussian import gaussian_expectation
 
 __all__ = [
@@ -188,7 +188,7 @@ class NormalizedActivation(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
-        before = self.num_batches_tracked.clone() if self._counts_skips() else None
+        before = self._batches_seen() if self._counts_skips() else None
         out = AF.normalized_activation(
             x,
             self.activation,
@@ -210,11 +210,27 @@ class NormalizedActivation(nn.Module):
             save=self.__dict__.get("save", "auto"),  # absent in modules pickled before
         )
         if before is not None:
-            self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
+            self._count_skip(before)
         return out
 
     def _counts_skips(self) -> bool:
         return self.training and self.track_running_stats
+
+    def _batches_seen(self) -> int | Tensor:
+        # on CPU in eager mode a Python int (a read costs less than a clone and a
+        # comparison); elsewhere (devices, vmap, compile) a copy, compared as a tensor
+        tracked = self.num_batches_tracked
+        if tracked.device.type == "cpu" and not AF._is_compiling() and not _transforms_active():
+            return int(tracked)
+        return tracked.clone()
+
+    def _count_skip(self, before: int | Tensor) -> None:
+        """Add 1 to ``num_batches_skipped`` when this batch left the count unchanged."""
+        if isinstance(before, int):
+            if int(self.num_batches_tracked) == before:
+                self.num_batches_skipped.add_(1)
+        else:
+            self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
 
     def _reduce_moments(self):
         """Hook for synchronised statistics (distributed training); None = local."""

@@ -130,7 +130,7 @@ def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | 
 def _moment_values(sums: Tensor, count: int) -> list[float]:
     """(count, mean_x, var_x, mean_y, var_y, mean_dsq) from one C row (per tensor)."""
     n = float(count)
-    sx, sxx, sy, syy, sg, kx, ky = sums[0].tolist()
+    sx, sxx, sy, syy, sg, kx, ky = sums.tolist()[0]
     mx, my = sx / n, sy / n
     dsq = sg / n if sy == sy else math.nan  # a NaN in x is a NaN in every moment
     return [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0), dsq]
@@ -153,6 +153,8 @@ def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) ->
 
 def _per_channel(t: Tensor, c: int) -> Tensor:
     """A () or (C,) statistic as C contiguous float32 values for the C passes."""
+    if t.dtype is torch.float32 and t.numel() == c and t.is_contiguous():
+        return t  # as it is: the C passes only read its data
     t = t.detach()
     if t.dtype is not torch.float32:
         t = t.to(torch.float32)
