@@ -17,7 +17,7 @@ from test_fused import _assert_same, _run
 import anact
 import anact.functional as AF
 import anact.kernels as K
-from anact.activations import Activation, get_activation
+from anact.activations import Activation, get_activation, resolve_activation
 from anact.kernels import native
 
 pytestmark = pytest.mark.skipif(
@@ -319,6 +319,26 @@ def test_native_steps_aside_where_it_does_not_apply():
     with K.backend("native"):
         out = torch.vmap(anact.NReLU(track_running_stats=False))(x.detach())
     assert out.shape == x.shape
+
+
+def test_plan_call_gives_kind_and_layout_and_forward_refuses_other_calls():
+    swish, lrelu = resolve_activation("swish"), resolve_activation("lrelu", negative_slope=0.2)
+    x = torch.randn(4, 3, 5, 6)
+    assert native.plan_call(x, swish, None, None) == ((native.KIND_SWISH, 0.0, 0.0),
+                                                      (1, 1, 360))  # fmt: skip
+    assert native.plan_call(x, lrelu, 2, None) == ((native.KIND_SIGN, 1.0, 0.2), (12, 5, 6))
+    assert native.plan_call(x.double(), swish, None, None) is None
+    assert not native.applies(x.double(), swish, None, None)
+    kw = dict(training=True, momentum=0.1, bounds=None, beta=0.3, center=True, channel_dim=None,
+              eps=1e-5, reduce_moments=None, on_invalid=lambda: None, save_output=False,
+              on_moments=None)  # fmt: skip
+    with pytest.raises(ValueError, match="cannot run this call"):
+        native.forward(x.double(), swish, None, None, None, None, torch.zeros(()), **kw)
+    # without a plan, forward makes one: the same output as with it
+    plan = native.plan_call(x, swish, None, None)
+    a = native.forward(x, swish, None, None, None, None, torch.zeros(()), **kw)
+    b = native.forward(x, swish, None, None, None, None, torch.zeros(()), **kw, plan=plan)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

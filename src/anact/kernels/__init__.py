@@ -331,12 +331,14 @@ def dispatch(
     if _backend in ("native", "auto"):
         from anact.kernels import native
 
-        if native.applies(x, act, cd, mask):
+        plan = native.plan_call(x, act, cd, mask)
+        if plan is not None:
             return native.forward(
                 x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked,
                 alpha, training=training, momentum=momentum, bounds=bounds, beta=beta,
                 center=center, channel_dim=cd, eps=eps, reduce_moments=reduce_moments,
                 on_invalid=on_invalid, save_output=save_output, on_moments=on_moments,
+                plan=plan,
             )  # fmt: skip
     runner = _choose(x, channel_dim)
     if runner is None:

@@ -22,7 +22,7 @@ per tensor or per channel (any ``channel_dim``: the C side walks channels-first 
 channel by channel and channels-last ones, e.g. (N, T, C) with ``channel_dim=-1``,
 row by row with one accumulator per position), without a mask, outside torch.compile,
 functorch transforms and tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``).
-Elsewhere :func:`applies` says False and the caller runs another path.
+Elsewhere :func:`plan_call` says None and the caller runs another path.
 
 Threads: from :data:`PARALLEL_NUMEL` elements (torch's own grain size) a pass splits
 the tensor over ``torch.get_num_threads()`` threads of its own, as torch's element-wise
@@ -47,7 +47,8 @@ try:
 except ImportError:  # pragma: no cover - installed without a C compiler
     _nactcpu = None
 
-__all__ = ["available", "applies", "native_kind", "forward", "NativeNormalizedActivationFn"]
+__all__ = ["available", "plan_call", "applies", "native_kind", "forward",
+           "NativeNormalizedActivationFn"]
 
 KIND_SIGN, KIND_SWISH = 0, 1  # KIND_* in _nactcpu.c
 PARALLEL_NUMEL = 32768  # torch's grain size: smaller element-wise ops run on one thread
@@ -106,25 +107,32 @@ def _layout(x: Tensor, channel_dim: int | None) -> tuple[int, int, int]:
             math.prod(shape[channel_dim + 1:]))  # fmt: skip
 
 
-def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None) -> bool:
-    """Whether the native passes can run this call (see the module docstring).
+Plan = tuple[tuple[int, float, float], tuple[int, int, int]]  # (native_kind, _layout)
 
-    ``channel_dim`` is normalized to 0..dim-1 (or None).
-    """
+
+def plan_call(
+    x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None
+) -> Plan | None:
+    """``(kind, layout)`` for :func:`forward` when the native passes can run this call
+    (see the module docstring), else None. ``channel_dim`` is normalized to 0..dim-1
+    (or None)."""
     if _nactcpu is None or mask is not None or x.dtype is not torch.float32:
-        return False
+        return None
     if not x.is_cpu or not x.is_contiguous() or x.numel() == 0:
-        return False
-    if channel_dim is not None:
-        outer, c, inner = _layout(x, channel_dim)
-        if outer * inner < 2:
-            return False
-    elif x.numel() < 2:
-        return False
+        return None
+    layout = _layout(x, channel_dim)
+    if layout[0] * layout[2] < 2:  # fewer than 2 elements per statistic
+        return None
     # a trace or export would record the C calls as opaque constants
     if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
-        return False
-    return native_kind(act) is not None
+        return None
+    kind = native_kind(act)
+    return None if kind is None else (kind, layout)
+
+
+def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None) -> bool:
+    """Whether the native passes can run this call (:func:`plan_call` is not None)."""
+    return plan_call(x, act, channel_dim, mask) is not None
 
 
 def _moment_values(sums: Tensor, count: int) -> list[float]:
@@ -258,11 +266,16 @@ def forward(
     on_invalid: Callable[[], None],
     save_output: Callable[[Tensor], bool] | bool,
     on_moments: Callable | None,
+    plan: Plan | None = None,
 ) -> Tensor:
-    """:func:`anact.functional.normalized_activation` by the C passes (after
-    :func:`applies` said True); ``channel_dim`` normalized to 0..dim-1 or None."""
-    kind = native_kind(act)
-    layout = _layout(x, channel_dim)
+    """:func:`anact.functional.normalized_activation` by the C passes, with the ``plan``
+    :func:`plan_call` gave (computed here when None; the call must be one it accepts);
+    ``channel_dim`` normalized to 0..dim-1 or None."""
+    plan = plan if plan is not None else plan_call(x, act, channel_dim, None)
+    if plan is None:
+        raise ValueError("the native passes cannot run this call (plan_call says None): "
+                         "use anact.functional.normalized_activation, which chooses a path")
+    kind, layout = plan
     outer, c, inner = layout
     has_running = running_rho is not None
     batch = training or not has_running
