@@ -22,6 +22,15 @@ Memory:
   peak (VmHWM) was tried and dropped: glibc serves freed heap blocks again, so it
   varied by 2× between identical steps on this machine.
 
+Heap (``--heap``): glibc returns large freed blocks to the system, so a step's big
+tensors may land on fresh pages whose first-touch faults cost a quarter of a LeNet5
+step on this VM, and which tensors do differs between the two models and between
+processes (model-step ratios then spread by ±0.05 from process to process).
+``--heap keep`` raises glibc's mmap and trim thresholds (``mallopt``, as the
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables do) before anything
+is measured: freed memory is then reused and both models run on warm pages. The
+default leaves the allocator as it is, as a training script would.
+
 Prints one markdown table (and, with ``--json PATH``, writes the raw figures).
 """
 
@@ -62,6 +71,21 @@ Row = dict[str, object]
 _clock = time.thread_time
 DEVICE = torch.device("cpu")  # --device
 DTYPE = torch.float32  # --dtype: the activation inputs' dtype
+
+
+def keep_heap() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB so that freed memory is reused
+    (no fresh-page faults); False where the C library has no ``mallopt``."""
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def _cuda_clock() -> float:
@@ -362,7 +386,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of the activation section's inputs (models stay float32)")
     p.add_argument("--save", default="auto", choices=("auto", "input", "output"),
                    help="NReLU's save= option (default auto: the output; input: as before)")
+    p.add_argument("--heap", default="default", choices=("default", "keep"),
+                   help="keep: glibc reuses freed memory instead of returning it (no "
+                        "fresh-page faults; see the module docstring)")
     a = p.parse_args(argv)
+    if a.heap == "keep" and not keep_heap():
+        p.error("--heap keep: this C library has no mallopt (glibc only)")
     global _clock, SAVE, DEVICE, DTYPE
     SAVE = a.save
     DEVICE, DTYPE = torch.device(a.device), getattr(torch, a.dtype)
@@ -417,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_ensemble(["relu", "nrelu"], 3 if a.quick else 9, 4, 3 if a.quick else 5)
         print(f"# ensemble done ({time.time() - t0:.0f}s)", file=sys.stderr)
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
-          f"{reps} rounds; NReLU save={SAVE}; device {DEVICE}, activation inputs {a.dtype}; "
+          f"{reps} rounds; NReLU save={SAVE}; heap {a.heap}; device {DEVICE}, "
+          f"activation inputs {a.dtype}; "
           f"{time.time() - t0:.0f}s -->")
     print(table(rows))
     if a.json:
