@@ -131,6 +131,46 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(seen.values())
 
 
+def step_peak_bytes(step: Callable[[], None]) -> int | None:
+    """Peak bytes of tensor memory allocated during one call of step(), above what was
+    allocated before it. CUDA: the caching allocator's peak counter. CPU: every
+    allocation and free of torch's CPU allocator, as the profiler records them
+    (``profile_memory=True``), summed in time order; None where this torch's profiler
+    does not expose them."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:  # pragma: no cover - a torch without the event tree
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frees of blocks allocated before the profiler
+        for _ in range(2):  # the last counts: a process's first profile allocates ~250 KB more
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted((e for e in walk(tree) if e.tag == _EventType.Allocation),
+                         key=lambda e: e.start_time_ns)  # fmt: skip
+    live = peak = 0
+    for e in allocations:
+        live += e.extra_fields.alloc_size  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
 # ---------------------------------------------------------------------------
 # Activation fwd+bwd
 # ---------------------------------------------------------------------------
@@ -243,6 +283,7 @@ def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module],
         return run
 
     saved_plain = saved_bytes(forward(plain, "eager"))
+    peak_plain = step_peak_bytes(steps["plain"])
     rows = []
     for b in fast_backends():
         rows.append({
@@ -250,6 +291,7 @@ def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module],
             "backend": b,
             "step": t[b][1],
             "saved for bwd": saved_bytes(forward(norm, b)) / saved_plain,
+            "step peak mem": None if peak_plain is None else step_peak_bytes(steps[b]) / peak_plain,
             "plain step ms": t["plain"][0] * 1e3,
         })  # fmt: skip
     return rows
@@ -360,7 +402,7 @@ def fmt(v: object) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    cols = ["what", "backend", "fwd+bwd", "fwd", "step", "saved for bwd",
+    cols = ["what", "backend", "fwd+bwd", "fwd", "step", "saved for bwd", "step peak mem",
             "plain fwd+bwd ms", "plain step ms", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

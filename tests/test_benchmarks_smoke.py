@@ -21,3 +21,24 @@ def test_run_py_monitor_section_prints_a_table(tmp_path):
 
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(r["step"] > 0 for r in rows)
+
+
+def test_step_peak_bytes_follows_allocations_in_time_order():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    mb = 1 << 20
+
+    def two_at_once():  # 4 MiB + 4 MiB live together, then a 6 MiB one alone
+        a = torch.ones(mb)
+        b = torch.ones(mb)
+        del a, b
+        c = torch.ones(3 * mb // 2)
+        del c
+
+    peak = run.step_peak_bytes(two_at_once)
+    assert peak is not None and 8 * mb <= peak < 8 * mb + 4096
