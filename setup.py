@@ -22,11 +22,14 @@ setup(
                   optional=True),
         # fused multiply-adds in exp's polynomial; no a·b + c whose rounding the eager
         # code's results depend on (outputs are (y − b)·s, gradients g·δ'·s)
-        # -pthread: the passes split large tensors over torch's thread count
+        # -pthread, dl: the passes split large tensors over torch's thread count, in the
+        # OpenMP team of the runtime torch loaded (looked up with dlopen) or on pthreads
         Extension("anact._nactcpu", ["src/anact/_nactcpu.c"],
                   extra_compile_args=flags + ([] if sys.platform == "win32" else
                                               ["-ffp-contract=fast", "-pthread"]),
                   extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
-                  libraries=[] if sys.platform == "win32" else ["m"], optional=True),
+                  libraries=([] if sys.platform == "win32" else
+                             ["m", "dl"] if sys.platform.startswith("linux") else ["m"]),
+                  optional=True),
     ],
 )

@@ -7,6 +7,7 @@ path runs whatever torch's thread count; the thread rule has its own test.
 
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -341,6 +342,20 @@ def test_plan_call_gives_kind_and_layout_and_forward_refuses_other_calls():
     assert torch.equal(a, b)
 
 
+def _passes(lib, x, g, s, b, layout, kind, p1, threads):
+    """stats, affine (from the filled buffer) and backward: (y, out, ∂L/∂x, sums, ∂L/∂s sums)"""
+    outer, c, inner = layout
+    y, out, gx = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    sums, gsum = torch.empty(c, 7, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    lib.stats(x.data_ptr(), y.data_ptr(), outer, c, inner, kind, 1.0, p1, sums.data_ptr(),
+              threads)  # fmt: skip
+    lib.affine(y.data_ptr(), out.data_ptr(), outer, c, inner, kind, p1, False, s.data_ptr(),
+               b.data_ptr(), True, threads)  # fmt: skip
+    lib.backward(x.data_ptr(), g.data_ptr(), gx.data_ptr(), outer, c, inner, kind, 1.0, p1,
+                 False, s.data_ptr(), b.data_ptr(), gsum.data_ptr(), threads)  # fmt: skip
+    return y, out, gx, sums, gsum
+
+
 @pytest.mark.parametrize(
     "layout,split",
     [((1, 1, 400_000), "i"), ((3, 2, 150_000), "o"), ((40, 64, 160), "c"),
@@ -348,8 +363,9 @@ def test_plan_call_gives_kind_and_layout_and_forward_refuses_other_calls():
 )  # fmt: skip
 @pytest.mark.parametrize("kind,p1", [(native.KIND_SIGN, 0.2), (native.KIND_SWISH, 0.0)])
 def test_c_passes_on_several_threads(layout, split, kind, p1):
-    """The passes split over threads (by channels, rows or the inner dimension): outputs and
-    ∂L/∂x equal the one-thread ones bit for bit, the sums agree with float64."""
+    """The passes split over threads (by channels, rows or the inner dimension), in torch's
+    OpenMP team or on threads of their own: outputs and ∂L/∂x equal the one-thread ones bit
+    for bit, the sums agree with float64 (and between the two kinds of threads, exactly)."""
     outer, c, inner = layout
     tasks, how, _ = native._nactcpu.plan(outer, c, inner, 3)
     assert tasks == 3 and how == split
@@ -359,19 +375,21 @@ def test_c_passes_on_several_threads(layout, split, kind, p1):
     s = torch.tensor(np.linspace(1.3, 0.7, c), dtype=torch.float32)
     b = torch.tensor(np.linspace(-0.5, 0.5, c), dtype=torch.float32)
     results = {}
-    for threads in (1, 3):
-        y, out, gx = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        sums, gsum = torch.empty(c, 7, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-        lib = native._nactcpu
-        lib.stats(x.data_ptr(), y.data_ptr(), outer, c, inner, kind, 1.0, p1, sums.data_ptr(),
-                  threads)  # fmt: skip
-        lib.affine(y.data_ptr(), out.data_ptr(), outer, c, inner, kind, p1, False, s.data_ptr(),
-                   b.data_ptr(), True, threads)  # fmt: skip
-        lib.backward(x.data_ptr(), g.data_ptr(), gx.data_ptr(), outer, c, inner, kind, 1.0, p1,
-                     False, s.data_ptr(), b.data_ptr(), gsum.data_ptr(), threads)  # fmt: skip
-        results[threads] = (y, out, gx, sums, gsum)
-    for a, r in zip(results[3][:3], results[1][:3], strict=True):
-        assert torch.equal(a, r)
+    lib = native._nactcpu
+    try:
+        for threads, in_team in ((1, False), (3, False), (3, True)):
+            if in_team and not lib.team(True):
+                continue  # no OpenMP runtime loaded: threads of the passes' own only
+            lib.team(in_team)
+            results[threads, in_team] = _passes(lib, x, g, s, b, layout, kind, p1, threads)
+    finally:
+        lib.team(True)  # the default
+    for key in results:
+        for a, r in zip(results[key][:3], results[1, False][:3], strict=True):
+            assert torch.equal(a, r)
+    if (3, True) in results:  # the same tasks, summed in the same order: the same sums
+        for a, r in zip(results[3, True][3:], results[3, False][3:], strict=True):
+            assert torch.equal(a, r)
     x64, g64 = x.double().numpy(), g.double().numpy()
     if kind == native.KIND_SWISH:
         sig = 1 / (1 + np.exp(-x64))
@@ -383,12 +401,26 @@ def test_c_passes_on_several_threads(layout, split, kind, p1):
     expect = np.stack([xc.sum((0, 2)), (xc**2).sum((0, 2)), yc.sum((0, 2)), (yc**2).sum((0, 2)),
                        (d64**2).sum((0, 2))], axis=1)  # fmt: skip
     expect_g = ((y64 - b.double().numpy()[None, :, None]) * g64).sum((0, 2))
-    for threads in (1, 3):
-        sums, gsum = results[threads][3], results[threads][4]
+    for key in results:
+        sums, gsum = results[key][3], results[key][4]
         scale = np.abs(expect).max(axis=0) * 1e-6 + 1e-3
         np.testing.assert_allclose(sums[:, :5].numpy(), expect, rtol=2e-5, atol=scale.max())
         np.testing.assert_allclose(gsum.numpy(), expect_g, rtol=2e-5,
                                    atol=1e-6 * np.abs(expect_g).max() + 1e-3)  # fmt: skip
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not torch.backends.openmp.is_available(),
+                    reason="torch's OpenMP runtime is looked up on Linux")  # fmt: skip
+def test_passes_find_torch_openmp_team():
+    """With torch built with OpenMP, the passes run in its team (no threads of their own
+    competing with its spinning workers); team(False) turns that off, team(True) back on."""
+    lib = native._nactcpu
+    assert lib.team() is True
+    try:
+        assert lib.team(False) is False
+        assert lib.team() is False
+    finally:
+        assert lib.team(True) is True
 
 
 def test_native_uses_torch_thread_count(monkeypatch):
