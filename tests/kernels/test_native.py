@@ -7,6 +7,7 @@ path runs whatever torch's thread count; the thread rule has its own test.
 
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -415,12 +416,19 @@ def test_passes_find_torch_openmp_team():
     """With torch built with OpenMP, the passes run in its team (no threads of their own
     competing with its spinning workers); team(False) turns that off, team(True) back on."""
     lib = native._nactcpu
-    assert lib.team() is True
+    assert lib.team() is True and native.openmp_team() is True
     try:
-        assert lib.team(False) is False
+        assert native.openmp_team(False) is False
         assert lib.team() is False
     finally:
-        assert lib.team(True) is True
+        assert native.openmp_team(True) is True
+    # the environment can turn it off for a process
+    code = "import anact.kernels.native as n; print(n.openmp_team())"
+    for value, expect in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, ANACT_OPENMP_TEAM=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        assert out.strip() == expect
 
 
 def test_native_uses_torch_thread_count(monkeypatch):

@@ -25,14 +25,17 @@ functorch transforms and tracing or export (ONNX, ``torch.jit.trace``, ``torch.e
 Elsewhere :func:`plan_call` says None and the caller runs another path.
 
 Threads: from :data:`PARALLEL_NUMEL` elements (torch's own grain size) a pass splits
-the tensor over ``torch.get_num_threads()`` threads of its own, as torch's element-wise
-ops do, at least 65536 elements per thread. Outputs and ∂L/∂x do not depend on the
+the tensor over ``torch.get_num_threads()`` threads, as torch's element-wise ops do, at
+least 65536 elements per thread: in torch's own OpenMP team where the C module finds the
+runtime torch loaded (:func:`openmp_team`; ``ANACT_OPENMP_TEAM=0`` in the environment
+turns it off), else on threads of its own. Outputs and ∂L/∂x do not depend on the
 number of threads; the sums do, by float rounding (as torch's reductions do).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from array import array
 from collections.abc import Callable
 
@@ -47,7 +50,7 @@ try:
 except ImportError:  # pragma: no cover - installed without a C compiler
     _nactcpu = None
 
-__all__ = ["available", "plan_call", "applies", "native_kind", "forward",
+__all__ = ["available", "openmp_team", "plan_call", "applies", "native_kind", "forward",
            "NativeNormalizedActivationFn"]
 
 KIND_SIGN, KIND_SWISH = 0, 1  # KIND_* in _nactcpu.c
@@ -57,6 +60,19 @@ PARALLEL_NUMEL = 32768  # torch's grain size: smaller element-wise ops run on on
 def _threads(numel: int) -> int:
     """Threads for a pass over ``numel`` elements: torch's count, as its own ops use."""
     return torch.get_num_threads() if numel >= PARALLEL_NUMEL else 1
+
+
+def openmp_team(enable: bool | None = None) -> bool:
+    """Whether passes on several threads run in torch's OpenMP team (rather than on
+    threads of their own, which compete with torch's spinning workers); ``enable``
+    switches it (True takes effect only where an OpenMP runtime is loaded)."""
+    if _nactcpu is None:
+        return False
+    return _nactcpu.team(enable)
+
+
+if _nactcpu is not None and os.environ.get("ANACT_OPENMP_TEAM", "").strip() == "0":
+    _nactcpu.team(False)
 
 
 def available() -> bool:
