@@ -12,9 +12,10 @@
  *
  * Layout: x is contiguous, viewed as (outer, C, inner); channel c is the strided set
  * x[o, c, :]. Per-tensor statistics are outer = C = 1. Two loop orders:
- *   channel loops (C = 1 or inner >= ROW_INNER): channel by channel over its contiguous
- *     rows x[o, c, :]; float32 SIMD accumulators over blocks of BLOCK elements, block
- *     totals in double;
+ *   channel loops (C = 1 or inner >= ROW_INNER): row by row x[o, c, :] in memory order
+ *     (each channel's rows in (o, i) order); float32 SIMD accumulators over blocks of
+ *     BLOCK elements, block totals added into the channel's double totals (a walk
+ *     channel by channel, jumping C·inner elements between rows, cost 15–50 % more);
  *   row loops (C > 1, inner < ROW_INNER: channels last, e.g. (N, T, C) with C in the
  *     last dimension): along memory, a span of whole rows of W = C·inner elements at a
  *     time, one float32 accumulator per position of the span (summed over ROW_FLUSH
@@ -458,20 +459,26 @@ static void stats_task(pass_job *j, int t) {
     const box r = task_box(j, t);
     const Py_ssize_t C = j->C, inner = j->inner;
     double *part = j->partial + (Py_ssize_t)t * C * 5;
-    if (!j->rows) {
-        for (Py_ssize_t c = r.c0; c < r.c1; c++) {
-            double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-            for (Py_ssize_t o = r.o0; o < r.o1; o++) {
+    if (!j->rows) { /* in memory order, each channel's blocks summed in (o, i) order */
+        const Py_ssize_t nc = r.c1 - r.c0;
+        double *acc = calloc((size_t)(5 * nc), sizeof *acc);
+        if (!acc) {
+            j->status[t] = -1;
+            return;
+        }
+        for (Py_ssize_t o = r.o0; o < r.o1; o++)
+            for (Py_ssize_t c = r.c0; c < r.c1; c++) {
                 const Py_ssize_t base = (o * C + c) * inner;
                 for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
                     const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
                     stats_block(j->src + base + i, j->dst + base + i, len, j->kind, j->p1,
-                                j->kx[c], j->ky[c], acc);
+                                j->kx[c], j->ky[c], acc + 5 * (c - r.c0));
                 }
             }
+        for (Py_ssize_t c = r.c0; c < r.c1; c++)
             for (int k = 0; k < 5; k++)
-                part[c * 5 + k] += acc[k];
-        }
+                part[c * 5 + k] += acc[5 * (c - r.c0) + k];
+        free(acc);
         return;
     }
     const Py_ssize_t W = C * inner, L = row_span(W), TW = L < ROW_TILE ? L : ROW_TILE;
@@ -511,17 +518,25 @@ static void stats_task(pass_job *j, int t) {
 static void affine_task(pass_job *j, int t) {
     const box r = task_box(j, t);
     const Py_ssize_t C = j->C, inner = j->inner;
-    if (!j->rows) {
+    if (!j->rows) { /* in memory order; each channel's tie values computed once */
+        const Py_ssize_t nc = r.c1 - r.c0;
+        float *tie = malloc((size_t)(2 * nc) * sizeof *tie);
+        if (!tie) {
+            j->status[t] = -1;
+            return;
+        }
         for (Py_ssize_t c = r.c0; c < r.c1; c++) {
-            const float sc = j->s[c], bc = j->b[c];
-            const float tt = tie_target(sc, bc);
-            const float away = tie_away(sc, tt);
-            for (Py_ssize_t o = r.o0; o < r.o1; o++) {
+            tie[c - r.c0] = tie_target(j->s[c], j->b[c]);
+            tie[nc + c - r.c0] = tie_away(j->s[c], tie[c - r.c0]);
+        }
+        for (Py_ssize_t o = r.o0; o < r.o1; o++)
+            for (Py_ssize_t c = r.c0; c < r.c1; c++) {
                 const Py_ssize_t base = (o * C + c) * inner + r.i0;
                 affine_block(j->src + base, j->dst + base, r.i1 - r.i0, j->kind, j->p1,
-                             j->apply, sc, bc, j->nudge, tt, away);
+                             j->apply, j->s[c], j->b[c], j->nudge, tie[c - r.c0],
+                             tie[nc + c - r.c0]);
             }
-        }
+        free(tie);
         return;
     }
     const Py_ssize_t W = C * inner, L = row_span(W);
@@ -540,20 +555,26 @@ static void backward_task(pass_job *j, int t) {
     const box r = task_box(j, t);
     const Py_ssize_t C = j->C, inner = j->inner;
     double *part = j->partial + (Py_ssize_t)t * C;
-    if (!j->rows) {
-        for (Py_ssize_t c = r.c0; c < r.c1; c++) {
-            double total = 0.0;
-            for (Py_ssize_t o = r.o0; o < r.o1; o++) {
+    if (!j->rows) { /* in memory order, each channel's blocks summed in (o, i) order */
+        const Py_ssize_t nc = r.c1 - r.c0;
+        double *total = calloc((size_t)nc, sizeof *total);
+        if (!total) {
+            j->status[t] = -1;
+            return;
+        }
+        for (Py_ssize_t o = r.o0; o < r.o1; o++)
+            for (Py_ssize_t c = r.c0; c < r.c1; c++) {
                 const Py_ssize_t base = (o * C + c) * inner;
                 for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
                     const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
                     backward_block(j->src + base + i, j->g + base + i, j->dst + base + i, len,
                                    j->kind, j->p0, j->p1, j->from_output, j->s[c], j->b[c],
-                                   &total);
+                                   total + (c - r.c0));
                 }
             }
-            part[c] += total;
-        }
+        for (Py_ssize_t c = r.c0; c < r.c1; c++)
+            part[c] += total[c - r.c0];
+        free(total);
         return;
     }
     const Py_ssize_t W = C * inner, L = row_span(W);

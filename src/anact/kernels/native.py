@@ -18,10 +18,11 @@ Swish's exp costs more than the in-place pass over a buffer still warm in cache.
 
 It applies to the built-in ReLU, LeakyReLU and Swish (the activations whose C twins
 exist, checked against the registry's functions) on contiguous float32 CPU tensors,
-per tensor or per channel (any ``channel_dim``: the C side walks channels-first layouts
-channel by channel and channels-last ones, e.g. (N, T, C) with ``channel_dim=-1``,
-row by row with one accumulator per position), without a mask, outside torch.compile,
-functorch transforms and tracing or export (ONNX, ``torch.jit.trace``, ``torch.export``).
+per tensor or per channel (any ``channel_dim``: the C side walks memory in order, with
+block sums per channel row for channels-first layouts and one accumulator per position
+for channels-last ones, e.g. (N, T, C) with ``channel_dim=-1``), without a mask,
+outside torch.compile, functorch transforms and tracing or export (ONNX,
+``torch.jit.trace``, ``torch.export``).
 Elsewhere :func:`plan_call` says None and the caller runs another path.
 
 Threads: from :data:`PARALLEL_NUMEL` elements (torch's own grain size) a pass splits
