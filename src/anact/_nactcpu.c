@@ -459,26 +459,17 @@ static void stats_task(pass_job *j, int t) {
     const box r = task_box(j, t);
     const Py_ssize_t C = j->C, inner = j->inner;
     double *part = j->partial + (Py_ssize_t)t * C * 5;
-    if (!j->rows) { /* in memory order, each channel's blocks summed in (o, i) order */
-        const Py_ssize_t nc = r.c1 - r.c0;
-        double *acc = calloc((size_t)(5 * nc), sizeof *acc);
-        if (!acc) {
-            j->status[t] = -1;
-            return;
-        }
+    if (!j->rows) { /* in memory order, each channel's blocks summed in (o, i) order into
+                       this task's zeroed partial sums */
         for (Py_ssize_t o = r.o0; o < r.o1; o++)
             for (Py_ssize_t c = r.c0; c < r.c1; c++) {
                 const Py_ssize_t base = (o * C + c) * inner;
                 for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
                     const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
                     stats_block(j->src + base + i, j->dst + base + i, len, j->kind, j->p1,
-                                j->kx[c], j->ky[c], acc + 5 * (c - r.c0));
+                                j->kx[c], j->ky[c], part + 5 * c);
                 }
             }
-        for (Py_ssize_t c = r.c0; c < r.c1; c++)
-            for (int k = 0; k < 5; k++)
-                part[c * 5 + k] += acc[5 * (c - r.c0) + k];
-        free(acc);
         return;
     }
     const Py_ssize_t W = C * inner, L = row_span(W), TW = L < ROW_TILE ? L : ROW_TILE;
@@ -555,13 +546,8 @@ static void backward_task(pass_job *j, int t) {
     const box r = task_box(j, t);
     const Py_ssize_t C = j->C, inner = j->inner;
     double *part = j->partial + (Py_ssize_t)t * C;
-    if (!j->rows) { /* in memory order, each channel's blocks summed in (o, i) order */
-        const Py_ssize_t nc = r.c1 - r.c0;
-        double *total = calloc((size_t)nc, sizeof *total);
-        if (!total) {
-            j->status[t] = -1;
-            return;
-        }
+    if (!j->rows) { /* in memory order, each channel's blocks summed in (o, i) order into
+                       this task's zeroed partial sums */
         for (Py_ssize_t o = r.o0; o < r.o1; o++)
             for (Py_ssize_t c = r.c0; c < r.c1; c++) {
                 const Py_ssize_t base = (o * C + c) * inner;
@@ -569,12 +555,9 @@ static void backward_task(pass_job *j, int t) {
                     const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
                     backward_block(j->src + base + i, j->g + base + i, j->dst + base + i, len,
                                    j->kind, j->p0, j->p1, j->from_output, j->s[c], j->b[c],
-                                   total + (c - r.c0));
+                                   part + c);
                 }
             }
-        for (Py_ssize_t c = r.c0; c < r.c1; c++)
-            part[c] += total[c - r.c0];
-        free(total);
         return;
     }
     const Py_ssize_t W = C * inner, L = row_span(W);
