@@ -224,7 +224,7 @@ def _c_batch_moments(xf: Tensor, act: Activation) -> BatchMoments | None:
     mx, my = sx / n, sy / n
     values = [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0),
               dsq]  # fmt: skip
-    return BatchMoments(*torch.tensor(values, dtype=xf.dtype).unbind())
+    return BatchMoments(*torch.tensor(values, dtype=xf.dtype, device=xf.device).unbind())
 
 
 def merge_moments(stacked: BatchMoments) -> BatchMoments:
@@ -526,14 +526,14 @@ def _ties_possible(y: Tensor, s: Tensor, b: Tensor) -> bool:
             or _kernels._transforms_active() or y.numel() == 0):  # fmt: skip
         return True
     with torch.no_grad():
-        inf = torch.tensor(float("inf"), dtype=y.dtype)
-        zero = torch.zeros((), dtype=y.dtype)
+        inf = torch.tensor(float("inf"), dtype=y.dtype, device=y.device)
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
         abs_b = b.detach().abs().to(y.dtype)
         ulp = (torch.nextafter(abs_b, inf) - abs_b).double() + torch.nextafter(zero, inf).double()
         tau = float((8 * ulp * (1 + 1 / s.detach().double().abs())).max())
         if not tau < torch.finfo(y.dtype).max:  # s = 0, huge b: search
             return True
-        tau_bits = torch.tensor(tau, dtype=y.dtype).view(int_dtype).item()
+        tau_bits = torch.tensor(tau, dtype=y.dtype, device=y.device).view(int_dtype).item()
         magnitude = torch.iinfo(int_dtype).max  # all bits but the sign
         bits = y.reshape(-1).view(int_dtype)
         buf = _int_scratch(int_dtype, min(bits.numel(), _TIE_CHUNK))
@@ -555,7 +555,7 @@ def _int_scratch(dtype: torch.dtype, numel: int) -> Tensor:
     bufs = _scratch.__dict__.setdefault("int", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype, device="cpu")
     return buf
 
 

@@ -25,7 +25,7 @@ _NODES = 24  # Gauss–Legendre nodes per panel
 @functools.lru_cache(maxsize=8)
 def _legendre(n: int) -> tuple[Tensor, Tensor]:
     """Gauss–Legendre nodes and weights on [-1, 1] (Golub–Welsch)."""
-    k = torch.arange(1, n, dtype=torch.float64)
+    k = torch.arange(1, n, dtype=torch.float64, device="cpu")
     off = k / torch.sqrt(4 * k * k - 1)
     jacobi = torch.diag(off, 1) + torch.diag(off, -1)
     nodes, vecs = torch.linalg.eigh(jacobi)
@@ -48,16 +48,16 @@ def gaussian_expectation(
     Returns:
         one float64 tensor per function, shape (S,) (or () for scalar σ).
     """
-    sig = torch.as_tensor(sigma, dtype=torch.float64)
+    sig = torch.as_tensor(sigma, dtype=torch.float64, device="cpu")
     scalar = sig.dim() == 0
     sig = sig.reshape(-1)
     if sig.numel() == 0 or not bool(torch.all(torch.isfinite(sig) & (sig > 0))):
         raise ValueError(f"sigma must be positive and finite, got {sigma!r}")
 
-    grid = torch.arange(-_Z_MAX, _Z_MAX + _PANEL / 2, _PANEL, dtype=torch.float64)
+    grid = torch.arange(-_Z_MAX, _Z_MAX + _PANEL / 2, _PANEL, dtype=torch.float64, device="cpu")
     grid = grid.expand(sig.numel(), -1)
     if kinks:
-        kz = torch.tensor(list(kinks), dtype=torch.float64)[None, :] / sig[:, None]
+        kz = torch.tensor(list(kinks), dtype=torch.float64, device="cpu")[None, :] / sig[:, None]
         edges = torch.cat([grid, kz.clamp(-_Z_MAX, _Z_MAX)], dim=1).sort(dim=1).values
     else:
         edges = grid

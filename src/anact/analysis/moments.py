@@ -125,8 +125,8 @@ def _finish(x: torch.Tensor, shape: tuple[int, ...], scalar: bool) -> float | np
 
 def lambda_factor(rho: ArrayLike, rho_prime: ArrayLike) -> float | np.ndarray:
     """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13), elementwise, float64, unfloored."""
-    r = torch.as_tensor(np.asarray(rho, dtype=np.float64))
-    rp = torch.as_tensor(np.asarray(rho_prime, dtype=np.float64))
+    r = torch.as_tensor(np.asarray(rho, dtype=np.float64), device="cpu")
+    rp = torch.as_tensor(np.asarray(rho_prime, dtype=np.float64), device="cpu")
     out = AF.lambda_factor(r, rp, eps=None).numpy()
     return float(out) if out.ndim == 0 else out
 

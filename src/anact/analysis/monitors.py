@@ -232,7 +232,8 @@ def _agrees_with_registry(act: Activation, derivative: Callable[..., Tensor]) ->
     """Whether ``derivative(x, out)`` (``out`` None or a buffer) equals the registered δ'
     on probe points around the kinks (a user may have registered another function under
     a built-in name, and an op may be missing in this torch)."""
-    probe = torch.cat([torch.linspace(-6, 6, 121), torch.tensor([0.0, -3.0, 3.0, 25.0, 1e-30])])
+    probe = torch.cat([torch.linspace(-6, 6, 121, device="cpu"),
+                       torch.tensor([0.0, -3.0, 3.0, 25.0, 1e-30], device="cpu")])
     try:
         return all(
             torch.allclose(derivative(probe, out), act.derivative(probe), rtol=1e-5, atol=1e-6)
@@ -804,7 +805,7 @@ class ConvergenceMonitor:
         if x.device.type != "cpu" or x.numel() > _SCRATCH_MAX:
             return None
         if self._buf is None or self._buf.numel() < x.numel():
-            self._buf = torch.empty(x.numel(), dtype=torch.float32)
+            self._buf = torch.empty(x.numel(), dtype=torch.float32, device="cpu")
         return self._buf
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:

@@ -166,7 +166,7 @@ def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) ->
     n = float(count)
     if not per_channel:
         values = _moment_values(sums, count)
-        return AF.BatchMoments(*torch.tensor(values, dtype=dtype).unbind())
+        return AF.BatchMoments(*torch.tensor(values, dtype=dtype, device="cpu").unbind())
     sx, sxx, sy, syy, sg, kx, ky = sums.t().unbind()
     mx, my = sx / n, sy / n
     var_x = (sxx / n - mx * mx).clamp_min(0)
@@ -249,7 +249,7 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
         # from the output, the C pass compares with t = (0 − b)·s formed as the forward did
         bt = ((-b) * s) if ctx.saved_output else b
         grad_x = torch.empty_like(g)  # written even when only α needs a gradient (rare)
-        gsum = torch.empty(c, dtype=torch.float64) if need_scale else None
+        gsum = torch.empty(c, dtype=torch.float64, device="cpu") if need_scale else None
         _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
                           outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
                           bt.data_ptr(), 0 if gsum is None else gsum.data_ptr(),
@@ -299,7 +299,7 @@ def forward(
     out = torch.empty_like(x, memory_format=torch.contiguous_format, requires_grad=False)
     sums = None
     if batch:
-        sums = torch.empty((c, 7), dtype=torch.float64)
+        sums = torch.empty((c, 7), dtype=torch.float64, device="cpu")
         _nactcpu.stats(x.data_ptr(), out.data_ptr(), outer, c, inner, kind[0], kind[1], kind[2],
                        sums.data_ptr(), _threads(x.numel()))  # fmt: skip
     stat_dtype = AF._stat_dtype(x)
@@ -321,7 +321,7 @@ def forward(
         lam = AF._lambda_float(rho, rho_prime, eps)
         scale = torch.tanh(alpha).mul(beta).add(lam)  # (λ + β·tanh α), eq. 15
         shift_dtype = running_mean.dtype if has_running else stat_dtype
-        shift = torch.full((), mu if center else 0.0, dtype=shift_dtype)
+        shift = torch.full((), mu if center else 0.0, dtype=shift_dtype, device="cpu")
     else:
         if batch:
             moments = _moments(sums, outer * inner, channel_dim is not None, stat_dtype)
