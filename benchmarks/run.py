@@ -201,10 +201,13 @@ def _backend_module(module: nn.Module, backend: str) -> Callable[[Tensor], Tenso
     return call
 
 
-def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) -> list[Row]:
+def bench_activation(
+    shape, kind: str, channel_dim: int | None, repeats: int, channels_last: bool = False
+) -> list[Row]:
     torch.manual_seed(0)
-    x = torch.randn(shape, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    g = torch.randn(shape, device=DEVICE, dtype=DTYPE)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=DEVICE, dtype=DTYPE).to(memory_format=fmt).requires_grad_()
+    g = torch.randn(shape, device=DEVICE, dtype=DTYPE).to(memory_format=fmt)
     plain = PLAIN[kind]()
     c = None if channel_dim is None else shape[channel_dim]
     norm = (nrelu if kind == "relu" else NORMALIZED[kind])(c, channel_dim=channel_dim)
@@ -231,6 +234,7 @@ def bench_activation(shape, kind: str, channel_dim: int | None, repeats: int) ->
     t_f = interleaved({k: fwd(f) for k, f in variants.items()}, "plain", repeats)
     rows = []
     per = "per-tensor" if channel_dim is None else f"per-channel (dim {channel_dim})"
+    per += ", channels_last" if channels_last else ""
     for b in fast_backends():
         mem = saved_bytes(lambda b=b: variants[b](x)) / saved_bytes(lambda: plain(x))
         rows.append({
@@ -461,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_activation(shape, kind, None, reps)
                 print(f"# {kind} {shape} done ({time.time() - t0:.0f}s)", file=sys.stderr)
             rows += bench_activation(shape, "swish", cd, reps)
+            if len(shape) == 4:  # the layout oneDNN prefers for convolutions
+                rows += bench_activation(shape, "swish", cd, reps, channels_last=True)
     torch.manual_seed(0)
     xl = torch.randn(lenet_batch, 1, 28, 28, device=DEVICE)
     yl = torch.randint(0, 10, (lenet_batch,), device=DEVICE)

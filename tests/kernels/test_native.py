@@ -68,6 +68,59 @@ def test_native_matches_eager(name, params, shape, cd):
     _assert_same(_run("native", make, x, g=g), _run("eager", make, x, g=g), torch.float32)
 
 
+def _in_memory_order(shape, order, seed=0):
+    """A random tensor of ``shape`` whose dimensions lie in memory in ``order``."""
+    torch.manual_seed(seed)
+    phys = torch.randn([shape[d] for d in order]) * 1.5 + 0.2
+    return phys.permute(tuple(np.argsort(order)))
+
+
+# (shape, memory order, channel_dim): channels_last (2d, 3d), a transposed (T, N, C),
+# the channel between other dimensions in memory (channel loops and row loops), size-1
+# dimensions
+LAYOUTS = [((4, 6, 5, 5), (0, 2, 3, 1), None), ((4, 6, 5, 5), (0, 2, 3, 1), 1),
+           ((2, 6, 3, 4, 4), (0, 2, 3, 4, 1), 1), ((5, 7, 6), (1, 0, 2), 2),
+           ((5, 7, 6), (1, 0, 2), None), ((3, 4, 130), (1, 0, 2), 0),
+           ((3, 4, 20), (2, 0, 1), 1), ((1, 6, 5, 5), (0, 2, 3, 1), 1),
+           ((4, 1, 5, 5), (0, 2, 3, 1), 1), ((4, 6, 5, 5), (3, 2, 1, 0), -1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,order,cd", LAYOUTS)
+@pytest.mark.parametrize("name,params", [("relu", None), ("lrelu", {"negative_slope": 0.2}),
+                                         ("swish", None)])  # fmt: skip
+def test_native_dense_layouts_match_eager(name, params, shape, order, cd):
+    """Any dense layout runs natively, in its memory order; output and ∂L/∂x keep x's
+    layout; the numbers are the eager path's on the contiguous copy."""
+    x = _in_memory_order(shape, order)
+    g = _in_memory_order(shape, order, seed=1)
+    assert native._memory_order(x) in (order, ())  # () only where x is also contiguous
+    make = _module(name, params, shape, cd)
+    xg = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    assert _uses_native(make(), xg)
+    with K.backend("native"):
+        out = make()(xg)
+    out.backward(g)
+    for t in (out, xg.grad):  # the same strides (those of size-1 dimensions aside)
+        assert [st for st, n in zip(t.stride(), shape, strict=True) if n > 1] == [
+            st for st, n in zip(x.stride(), shape, strict=True) if n > 1]
+    _assert_same(_run("native", make, x, g=g), _run("eager", make, x.contiguous(),
+                                                    g=g.contiguous()), torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("save", ["input", "output"])
+@pytest.mark.parametrize("cd", [None, 1])
+def test_native_gradient_in_another_layout(save, cd):
+    """A channels_last input whose gradient arrives contiguous (or the other way round):
+    the gradient is copied into x's layout; the numbers do not change."""
+    shape = (4, 6, 5, 5)
+    x = _in_memory_order(shape, (0, 2, 3, 1))
+    g = torch.randn(shape)
+    make = _module("lrelu", {"negative_slope": 0.1}, shape, cd, save=save)
+    for xs, gs in ((x, g), (x.contiguous(), g.to(memory_format=torch.channels_last))):
+        _assert_same(_run("native", make, xs, g=gs), _run("eager", make, x.contiguous(), g=g),
+                     torch.float32)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"center": False}, {"momentum": None}, {"bounds": None}, {"track_running_stats": False},
@@ -160,7 +213,7 @@ def test_native_elementwise_formulas_are_the_eager_ones_bit_for_bit(inner):
         sc = scale.clone().requires_grad_()
         out = torch.empty_like(x)
         got = AF.apply_function(native.NativeNormalizedActivationFn, xi, sc, shift, act, 1, kind,
-                                (1 * 3, 2, inner), (out,), False, save)  # fmt: skip
+                                (1 * 3, 2, inner), (), (out,), False, save)  # fmt: skip
         got.backward(g)
         xe = x.clone().requires_grad_()
         se = scale.clone().requires_grad_()
@@ -307,7 +360,8 @@ def test_native_steps_aside_where_it_does_not_apply():
     assert _uses_native(nrelu, x)
     assert not _uses_native(anact.NReLU().double(), x.detach().double().requires_grad_())
     assert not _uses_native(anact.NReLU(), x.detach().bfloat16().requires_grad_())
-    assert not _uses_native(anact.NReLU(), x.transpose(0, 3))  # not contiguous
+    assert not _uses_native(anact.NReLU(), x[:, :, ::2])  # gaps in memory
+    assert not _uses_native(anact.NReLU(), x.detach()[:1].expand(4, 3, 5, 5))  # overlaps
     assert not _uses_native(anact.NReLU(), x, mask=torch.ones(4, 1, 1, 1, dtype=torch.bool))
     # per channel with a single element per channel: eager warns and uses no statistics
     with pytest.warns(AF.StatisticsWarning):
@@ -327,8 +381,13 @@ def test_plan_call_gives_kind_and_layout_and_forward_refuses_other_calls():
     swish, lrelu = resolve_activation("swish"), resolve_activation("lrelu", negative_slope=0.2)
     x = torch.randn(4, 3, 5, 6)
     assert native.plan_call(x, swish, None, None) == ((native.KIND_SWISH, 0.0, 0.0),
-                                                      (1, 1, 360))  # fmt: skip
-    assert native.plan_call(x, lrelu, 2, None) == ((native.KIND_SIGN, 1.0, 0.2), (12, 5, 6))
+                                                      (1, 1, 360), ())  # fmt: skip
+    assert native.plan_call(x, lrelu, 2, None) == ((native.KIND_SIGN, 1.0, 0.2), (12, 5, 6), ())
+    # channels_last: memory order N, H, W, C; the channel is then the innermost dimension
+    xc = x.to(memory_format=torch.channels_last)
+    assert native.plan_call(xc, lrelu, 1, None) == ((native.KIND_SIGN, 1.0, 0.2), (120, 3, 1),
+                                                    (0, 2, 3, 1))  # fmt: skip
+    assert native.plan_call(xc, lrelu, 2, None)[1:] == ((4, 5, 18), (0, 2, 3, 1))
     assert native.plan_call(x.double(), swish, None, None) is None
     assert not native.applies(x.double(), swish, None, None)
     kw = dict(training=True, momentum=0.1, bounds=None, beta=0.3, center=True, channel_dim=None,

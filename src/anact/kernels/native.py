@@ -17,7 +17,10 @@ first pass rather than recomputed in the second: ReLU costs nothing to recompute
 Swish's exp costs more than the in-place pass over a buffer still warm in cache.
 
 It applies to the built-in ReLU, LeakyReLU and Swish (the activations whose C twins
-exist, checked against the registry's functions) on contiguous float32 CPU tensors,
+exist, checked against the registry's functions) on float32 CPU tensors laid out densely
+in memory in any dimension order (contiguous, ``channels_last``, a transpose: the passes
+walk memory in order and the channel's place in that order gives the layout; the output
+and ∂L/∂x take x's layout, a gradient in another layout is copied into it),
 per tensor or per channel (any ``channel_dim``: the C side walks memory in order, with
 block sums per channel row for channels-first layouts and one accumulator per position
 for channels-last ones, e.g. (N, T, C) with ``channel_dim=-1``), without a mask,
@@ -115,36 +118,63 @@ def native_kind(act: Activation) -> tuple[int, float, float] | None:
     return KIND_SWISH, 0.0, 0.0
 
 
-def _layout(x: Tensor, channel_dim: int | None) -> tuple[int, int, int]:
-    """x as (outer, C, inner) around the channel dimension; (1, 1, numel) per tensor."""
+def _memory_order(x: Tensor) -> tuple[int, ...] | None:
+    """x's dimensions from outermost to innermost in memory when x is dense and
+    non-overlapping (a permutation of a contiguous tensor, e.g. ``channels_last``);
+    ``()`` when x is contiguous; None otherwise (gaps or overlaps: a slice, an expand)."""
+    if x.is_contiguous():
+        return ()
+    strides = x.stride()
+    order = tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _layout(
+    x: Tensor, channel_dim: int | None, order: tuple[int, ...] = ()
+) -> tuple[int, int, int]:
+    """x's memory as (outer, C, inner) around the channel dimension, dimensions taken in
+    ``order`` (memory order; ``()``: as they are); (1, 1, numel) per tensor."""
     if channel_dim is None:
         return 1, 1, x.numel()
     shape = x.shape
+    if order:
+        channel_dim, shape = order.index(channel_dim), [shape[d] for d in order]
     return (math.prod(shape[:channel_dim]), shape[channel_dim],
             math.prod(shape[channel_dim + 1:]))  # fmt: skip
 
 
-Plan = tuple[tuple[int, float, float], tuple[int, int, int]]  # (native_kind, _layout)
+# (native_kind, _layout, _memory_order)
+Plan = tuple[tuple[int, float, float], tuple[int, int, int], tuple[int, ...]]
+
+
+def _empty_in_order(like: Tensor, order: tuple[int, ...]) -> Tensor:
+    """An uninitialized tensor shaped and laid out in memory as ``like`` (``order``)."""
+    if not order:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return torch.empty_permuted(like.shape, order, dtype=like.dtype, device=like.device)
 
 
 def plan_call(
     x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None
 ) -> Plan | None:
-    """``(kind, layout)`` for :func:`forward` when the native passes can run this call
-    (see the module docstring), else None. ``channel_dim`` is normalized to 0..dim-1
+    """``(kind, layout, order)`` for :func:`forward` when the native passes can run this
+    call (see the module docstring), else None. ``channel_dim`` is normalized to 0..dim-1
     (or None)."""
     if _nactcpu is None or mask is not None or x.dtype is not torch.float32:
         return None
-    if not x.is_cpu or not x.is_contiguous() or x.numel() == 0:
+    if not x.is_cpu or x.numel() == 0:
         return None
-    layout = _layout(x, channel_dim)
+    order = _memory_order(x)
+    if order is None:
+        return None
+    layout = _layout(x, channel_dim, order)
     if layout[0] * layout[2] < 2:  # fewer than 2 elements per statistic
         return None
     # a trace or export would record the C calls as opaque constants
     if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
         return None
     kind = native_kind(act)
-    return None if kind is None else (kind, layout)
+    return None if kind is None else (kind, layout, order)
 
 
 def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None) -> bool:
@@ -197,7 +227,8 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, scale, shift, act, channel_dim, kind, layout, buffer, filled, save_output):  # type: ignore[override]
+    def forward(x, scale, shift, act, channel_dim, kind, layout, order, buffer, filled,  # type: ignore[override]
+                save_output):
         (out,) = buffer
         outer, c, inner = layout
         s, b = _per_channel(scale, c), _per_channel(shift, c)
@@ -220,11 +251,12 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, scale, shift, act, channel_dim, kind, layout, _, _, save_output = inputs
+        x, scale, shift, act, channel_dim, kind, layout, order, _, _, save_output = inputs
         # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
         ctx.saved_output = bool(save_output) and not AF._scale_has_zero(scale)
         ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
         ctx.act, ctx.channel_dim, ctx.kind, ctx.layout = act, channel_dim, kind, layout
+        ctx.order = order
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -241,14 +273,17 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
                 grads = fused.backward_pass(saved, grad_out, scale, shift, act=act,
                                             channel_dim=cd, need_x=need_x,
                                             need_scale=need_scale)  # fmt: skip
-            return (*grads, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None, None)
         outer, c, inner = ctx.layout
         kind, p0, p1 = ctx.kind
-        g = grad_out.to(torch.float32).contiguous()
+        g = grad_out.to(torch.float32)
+        if not (g.permute(ctx.order) if ctx.order else g).is_contiguous():
+            g = _empty_in_order(saved, ctx.order).copy_(g)  # into the layout of x
         s, b = _per_channel(scale, c), _per_channel(shift, c)
         # from the output, the C pass compares with t = (0 − b)·s formed as the forward did
         bt = ((-b) * s) if ctx.saved_output else b
-        grad_x = torch.empty_like(g)  # written even when only α needs a gradient (rare)
+        # written even when only α needs a gradient (rare)
+        grad_x = _empty_in_order(saved, ctx.order)
         gsum = torch.empty(c, dtype=torch.float64, device="cpu") if need_scale else None
         _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
                           outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
@@ -260,7 +295,7 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
             if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
                 grad_scale = grad_scale / scale.to(torch.float32).to(scale.dtype)
         grad_x = grad_x if need_x else None
-        return grad_x, grad_scale, None, None, None, None, None, None, None, None
+        return grad_x, grad_scale, None, None, None, None, None, None, None, None, None
 
 
 def forward(
@@ -292,11 +327,11 @@ def forward(
     if plan is None:
         raise ValueError("the native passes cannot run this call (plan_call says None): "
                          "use anact.functional.normalized_activation, which chooses a path")
-    kind, layout = plan
+    kind, layout, order = plan
     outer, c, inner = layout
     has_running = running_rho is not None
     batch = training or not has_running
-    out = torch.empty_like(x, memory_format=torch.contiguous_format, requires_grad=False)
+    out = _empty_in_order(x, order)
     sums = None
     if batch:
         sums = torch.empty((c, 7), dtype=torch.float64, device="cpu")
@@ -342,6 +377,6 @@ def forward(
     if callable(save_output):
         save_output = save_output(scale)
     return AF.apply_function(
-        NativeNormalizedActivationFn, x, scale, shift, act, channel_dim, kind, layout, (out,),
-        batch, save_output,
+        NativeNormalizedActivationFn, x, scale, shift, act, channel_dim, kind, layout, order,
+        (out,), batch, save_output,
     )  # fmt: skip
