@@ -191,3 +191,16 @@ def test_convert_fold_and_monitor_whatever_the_default_device():
     assert summary0 == summary1
     with torch.no_grad():
         assert torch.equal(folded0(x), folded1(x))
+
+
+def test_convert_a_model_built_on_meta():
+    """Build on meta, convert, materialize, load weights: the model converted on CPU."""
+    ref = anact.convert(_small_model())
+    with torch.device("meta"):
+        plain = _small_model()
+    model = anact.convert(plain)
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(model(x), ref(x))

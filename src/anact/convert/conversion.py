@@ -152,6 +152,8 @@ def _make_module(site_kind: str, site_params: dict[str, Any], activation: str | 
 
 
 def _bn_affine_is_identity(bn: nn.Module) -> bool:
+    if bn.weight.is_meta:  # a model being built on meta holds no trained values yet
+        return True
     with torch.no_grad():
         return bool((bn.weight == 1).all()) and bool((bn.bias == 0).all())
 
