@@ -71,6 +71,7 @@ Row = dict[str, object]
 _clock = time.thread_time
 DEVICE = torch.device("cpu")  # --device
 DTYPE = torch.float32  # --dtype: the activation inputs' dtype
+MODEL_FORMAT = torch.contiguous_format  # --channels-last: the models' weights and images
 
 
 def keep_heap() -> bool:
@@ -269,9 +270,10 @@ def _train_step(model: nn.Module, opt, xb: Tensor, yb: Tensor, backend: str) -> 
 def bench_model(name: str, make: Callable[[Callable[[], nn.Module]], nn.Module], plain_act,
                 norm_act, xb: Tensor, yb: Tensor, repeats: int) -> list[Row]:
     torch.manual_seed(0)
-    plain = make(plain_act).to(DEVICE)
+    plain = make(plain_act).to(DEVICE, memory_format=MODEL_FORMAT)
     torch.manual_seed(0)
-    norm = make(norm_act).to(DEVICE)
+    norm = make(norm_act).to(DEVICE, memory_format=MODEL_FORMAT)
+    xb = xb.contiguous(memory_format=MODEL_FORMAT)
     steps = {"plain": _train_step(plain, torch.optim.SGD(plain.parameters(), 0.01, 0.9), xb, yb,
                                   "eager")}
     opt = torch.optim.SGD(norm.parameters(), 0.01, 0.9)
@@ -432,14 +434,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of the activation section's inputs (models stay float32)")
     p.add_argument("--save", default="auto", choices=("auto", "input", "output"),
                    help="NReLU's save= option (default auto: the output; input: as before)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the LeNet5 and ResNet50 sections in channels_last (weights and images)")
     p.add_argument("--heap", default="default", choices=("default", "keep"),
                    help="keep: glibc reuses freed memory instead of returning it (no "
                         "fresh-page faults; see the module docstring)")
     a = p.parse_args(argv)
     if a.heap == "keep" and not keep_heap():
         p.error("--heap keep: this C library has no mallopt (glibc only)")
-    global _clock, SAVE, DEVICE, DTYPE
+    global _clock, SAVE, DEVICE, DTYPE, MODEL_FORMAT
     SAVE = a.save
+    MODEL_FORMAT = torch.channels_last if a.channels_last else torch.contiguous_format
     DEVICE, DTYPE = torch.device(a.device), getattr(torch, a.dtype)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch has no CUDA device")
@@ -495,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# ensemble done ({time.time() - t0:.0f}s)", file=sys.stderr)
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
           f"{reps} rounds; NReLU save={SAVE}; heap {a.heap}; device {DEVICE}, "
+          f"models {'channels_last' if a.channels_last else 'contiguous'}, "
           f"activation inputs {a.dtype}; "
           f"{time.time() - t0:.0f}s -->")
     print(table(rows))
