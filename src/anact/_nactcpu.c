@@ -10,8 +10,10 @@
  * A plain activation reads x and writes y forward, reads x, g and writes ∂L/∂x backward;
  * the extra cost here is the in-place affine pass and the reductions riding along.
  *
- * Layout: x is contiguous, viewed as (outer, C, inner); channel c is the strided set
- * x[o, c, :]. Per-tensor statistics are outer = C = 1. Two loop orders:
+ * Layout: x is contiguous memory, viewed as (outer, C, inner); channel c is the strided
+ * set x[o, c, :]. Per-tensor statistics are outer = C = 1. (The Python side passes a dense
+ * tensor of any dimension order, e.g. channels_last, with its dimensions taken in memory
+ * order around the channel.) Two loop orders:
  *   channel loops (C = 1 or inner >= ROW_INNER): row by row x[o, c, :] in memory order
  *     (each channel's rows in (o, i) order); float32 SIMD accumulators over blocks of
  *     BLOCK elements, block totals added into the channel's double totals (a walk
