@@ -203,8 +203,11 @@ def _backend_module(module: nn.Module, backend: str) -> Callable[[Tensor], Tenso
 
 
 def bench_activation(
-    shape, kind: str, channel_dim: int | None, repeats: int, channels_last: bool = False
+    shape, kind: str, channel_dim: int | None, repeats: int, channels_last: bool = False,
+    calls: int = 1,
 ) -> list[Row]:
+    """Ratios of one activation's forward (+ backward) to the plain one's; each timing
+    covers ``calls`` calls (small tensors, where a call's fixed cost is the figure)."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, device=DEVICE, dtype=DTYPE).to(memory_format=fmt).requires_grad_()
@@ -219,15 +222,17 @@ def bench_activation(
 
     def fwd_bwd(f):
         def run():
-            x.grad = None
-            norm.alpha.grad = None
-            f(x).backward(g)
+            for _ in range(calls):
+                x.grad = None
+                norm.alpha.grad = None
+                f(x).backward(g)
 
         return run
 
     def fwd(f):
         def run():
-            f(x)
+            for _ in range(calls):
+                f(x)
 
         return run
 
@@ -246,7 +251,7 @@ def bench_activation(
             "backend": b,
             "fwd+bwd": t_fb[b][1],
             "fwd": t_f[b][1],
-            "plain fwd+bwd ms": t_fb["plain"][0] * 1e3,
+            "plain fwd+bwd ms": t_fb["plain"][0] * 1e3 / calls,
             "saved for bwd": mem,
         })  # fmt: skip
     return rows
@@ -472,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_activation(shape, "swish", cd, reps)
             if len(shape) == 4:  # the layout oneDNN prefers for convolutions
                 rows += bench_activation(shape, "swish", cd, reps, channels_last=True)
+        # a small layer (LeNet5's last hidden one at batch 256), where a call's fixed cost
+        # (Python, autograd, the statistics' step) is the figure: 100 calls per timing
+        for kind, cd in (("swish", None), ("relu", None), ("swish", -1)):
+            rows += bench_activation((256, 84), kind, cd, reps, calls=100)
+        print(f"# small layer done ({time.time() - t0:.0f}s)", file=sys.stderr)
     torch.manual_seed(0)
     xl = torch.randn(lenet_batch, 1, 28, 28, device=DEVICE)
     yl = torch.randint(0, 10, (lenet_batch,), device=DEVICE)

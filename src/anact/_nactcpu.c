@@ -37,6 +37,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -809,7 +810,7 @@ static int affine_impl(const float *src, float *out, Py_ssize_t outer, Py_ssize_
 static int backward_impl(const float *src, const float *g, float *gx, Py_ssize_t outer,
                          Py_ssize_t C, Py_ssize_t inner, int kind, float p0, float p1,
                          int from_output, const float *s, const float *bt, double *gsum,
-                         int threads) {
+                         double *gsum0, int threads) {
     pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p0 = p0, .p1 = p1,
                   .src = src, .dst = gx, .g = g, .s = s, .b = bt,
                   .from_output = from_output};
@@ -819,11 +820,15 @@ static int backward_impl(const float *src, const float *g, float *gx, Py_ssize_t
         return -1;
     j.pos = pos;
     const int rc = run_pass(&j, threads, 1, backward_task);
-    if (rc == 0 && gsum)
-        for (Py_ssize_t c = 0; c < C; c++) {
-            gsum[c] = 0.0;
+    if (rc == 0)
+        for (Py_ssize_t c = 0; c < (gsum ? C : 1); c++) {
+            double total = 0.0;
             for (int t = 0; t < j.ntasks; t++)
-                gsum[c] += j.partial[t * C + c];
+                total += j.partial[t * C + c];
+            if (gsum)
+                gsum[c] = total;
+            if (c == 0)
+                *gsum0 = total;
         }
     free(j.partial);
     free(pos);
@@ -925,10 +930,10 @@ static PyObject *py_affine(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(backward_doc,
 "backward(src_ptr, g_ptr, gx_ptr, outer, C, inner, kind, p0, p1, from_output, s_ptr,\n"
-"         bt_ptr, gsum_ptr, threads=1)\n\n"
+"         bt_ptr, gsum_ptr, threads=1) -> gsum0\n\n"
 "gx = g·δ'·s into gx_ptr; gsum[c] = Σ g·(δ(x) - b) from x, or Σ g·out\n"
-"from the output (gsum_ptr 0: not summed). bt: b (from x) or t = (0 - b)·s (from the\n"
-"output), C float32; gsum: C float64.");
+"from the output (gsum_ptr 0: not written). bt: b (from x) or t = (0 - b)·s (from the\n"
+"output), C float32; gsum: C float64. Returns channel 0's sum (per tensor: the sum).");
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     unsigned long long srcp, gp, gxp, sp, btp, gsp;
@@ -951,11 +956,192 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     }
     /* δ' above 0 as the eager code forms it in float32: 1·(p0 − p1) + p1 */
     const float above = (float)(p0 - p1) + (float)p1;
+    double gsum0 = 0.0;
     RUN(outer * C * inner,
         backward_impl(PTR(const float, srcp), PTR(const float, gp), PTR(float, gxp), outer, C,
                       inner, kind, above, (float)p1, from_output, PTR(const float, sp),
-                      PTR(const float, btp), PTR(double, gsp), threads))
-    Py_RETURN_NONE;
+                      PTR(const float, btp), PTR(double, gsp), &gsum0, threads))
+    return PyFloat_FromDouble(gsum0);
+}
+
+/* -------------------------------------------------------------------------------------
+ * finish: the statistics from the sums, the running update and λ, per channel
+ * ------------------------------------------------------------------------------------- */
+
+/* Double arithmetic in the order of anact.functional's float rules, without fused
+ * multiply-adds (whose single rounding would change last bits against them). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NO_CONTRACT
+#endif
+
+typedef struct {
+    double max, eps, tiny; /* finfo of the statistics' dtype */
+    int f64;               /* statistics in float64 (else rounded to float32 as stored) */
+} stat_type;
+
+static inline double as_stat(const stat_type *t, double v) {
+    return t->f64 ? v : (double)(float)v;
+}
+
+static inline double read_value(const void *p, int f64, Py_ssize_t c) {
+    return f64 ? ((const double *)p)[c] : (double)((const float *)p)[c];
+}
+
+/* stores v rounded to the buffer's dtype; returns what was stored */
+static inline double write_value(void *p, int f64, Py_ssize_t c, double v) {
+    if (f64) {
+        ((double *)p)[c] = v;
+        return v;
+    }
+    const float f = (float)v;
+    ((float *)p)[c] = f;
+    return (double)f;
+}
+
+/* λ = sqrt((ρ + ρ')/(2ρρ')) (eq. 13), ρ and ρ' floored at eps (NaN eps: none); IEEE
+ * results for zeros, infinities and NaN, as the tensor version's */
+NO_CONTRACT static double lambda_of(double rho, double rho_prime, double eps) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    if (eps == eps) { /* clamp_min: NaN stays NaN */
+        rho = (rho != rho || rho >= eps) ? rho : eps;
+        rho_prime = (rho_prime != rho_prime || rho_prime >= eps) ? rho_prime : eps;
+    }
+    const double num = rho + rho_prime, den = 2.0 * rho * rho_prime;
+    double q;
+    if (den == 0.0)
+        q = num != 0.0 ? copysign(INFINITY, num) * copysign(1.0, den) : NAN;
+    else
+        q = num / den;
+    return q >= 0.0 ? sqrt(q) : NAN;
+}
+
+/* eq. 16–18 for one running value: the batch value on the first batch, else kept when
+ * outside the bounds (ρ, ρ' only), else blended with momentum m */
+NO_CONTRACT static double blend_value(double run, double batch, int first, int filtered,
+                                      int bounded, double lo, double hi, double m) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    if (first)
+        return batch;
+    if (filtered && bounded && !(lo * run < batch && batch < hi * run))
+        return run;
+    return run + m * (batch - run);
+}
+
+/* One channel's batch statistics from its C-row of sums: ρ_M, ρ'_M, μ_M (eq. 31) and
+ * whether the batch defines them (functional.moments_to_stats' rules) */
+NO_CONTRACT static int channel_stats(const double *row, double count, const stat_type *t,
+                                     double *rho, double *rho_prime, double *mu) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    const double sx = row[0], sxx = row[1], sy = row[2], syy = row[3], sg = row[4];
+    const double mx = sx / count, my = sy / count;
+    double var_x = sxx / count - mx * mx, var_y = syy / count - my * my;
+    var_x = var_x < 0.0 ? 0.0 : var_x; /* clamp_min(0): NaN stays */
+    var_y = var_y < 0.0 ? 0.0 : var_y;
+    const double mean_x = as_stat(t, row[5] + mx), mean_y = as_stat(t, row[6] + my);
+    var_x = as_stat(t, var_x);
+    var_y = as_stat(t, var_y);
+    const double dsq = as_stat(t, sy == sy ? sg / count : NAN); /* NaN in x: NaN moments */
+    const double r = var_x != 0.0 ? var_y / var_x : (var_y == 0.0 ? NAN : INFINITY);
+    const double spread = 4.0 * t->eps * fabs(mean_x);
+    const int constant = var_x <= spread * spread + t->tiny;
+    *rho = r;
+    *rho_prime = dsq;
+    *mu = mean_y;
+    return as_stat(t, count) >= 2.0 && !constant && fabs(r) <= t->max && fabs(dsq) <= t->max &&
+           fabs(mean_y) <= t->max && r > 0.0 && dsq > 0.0;
+}
+
+PyDoc_STRVAR(finish_doc,
+"finish(sums_ptr, C, count, stat_f64, rr_ptr, rrp_ptr, rm_ptr, run_f64, nbt_ptr,\n"
+"       training, momentum, bounded, lo, hi, eps, center, lam_ptr, lam_f64,\n"
+"       shift_ptr, shift_f64) -> (invalid, lam0, shift0)\n\n"
+"What the affine pass normalizes with, per channel, from the C×7 sums of stats()\n"
+"(sums_ptr 0: none, eval with the running values): the batch statistics; in training\n"
+"with running values (rr_ptr, rrp_ptr, rm_ptr: C floats or doubles, nbt_ptr: int64)\n"
+"their update (eq. 16-18; momentum NaN: cumulative average), normalizing with the\n"
+"values stored; without running values the batch's (λ = 1, μ = 0 where unusable).\n"
+"Writes λ (eq. 13; eps NaN: no floor) and the shift (μ, or 0 without center) into\n"
+"lam_ptr, shift_ptr (0: not written). Returns the number of channels whose batch\n"
+"could not define the statistics and channel 0's λ and shift.");
+
+static PyObject *py_finish(PyObject *self, PyObject *args) {
+    unsigned long long sp, rrp, rrpp, rmp, nbtp, lamp, shiftp;
+    Py_ssize_t C;
+    double count, momentum, lo, hi, eps;
+    int stat_f64, run_f64, training, bounded, center, lam_f64, shift_f64;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KndpKKKpKpdpdddpKpKp:finish", &sp, &C, &count, &stat_f64,
+                          &rrp, &rrpp, &rmp, &run_f64, &nbtp, &training, &momentum, &bounded,
+                          &lo, &hi, &eps, &center, &lamp, &lam_f64, &shiftp, &shift_f64))
+        return NULL;
+    const int has_running = rrp && rrpp && rmp && nbtp;
+    if (C < 1 || (!sp && !has_running) || ((rrp || rrpp || rmp || nbtp) && !has_running)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "finish: C >= 1, and the sums or all four running buffers, are needed");
+        return NULL;
+    }
+    const stat_type t = stat_f64 ? (stat_type){DBL_MAX, DBL_EPSILON, DBL_MIN, 1}
+                                 : (stat_type){FLT_MAX, FLT_EPSILON, FLT_MIN, 0};
+    int64_t *nbt = PTR(int64_t, nbtp);
+    const int update = sp && has_running && training;
+    const int64_t seen = has_running ? *nbt : 0;
+    const double m = momentum == momentum ? momentum : 1.0 / (double)(seen + 1);
+    Py_ssize_t invalid = 0;
+    double lam0 = 0.0, shift0 = 0.0;
+    for (Py_ssize_t c = 0; c < C; c++) {
+        double rho, rho_prime, mu;
+        if (sp) {
+            const int valid = channel_stats(PTR(const double, sp) + 7 * c, count, &t, &rho,
+                                            &rho_prime, &mu);
+            invalid += !valid;
+            if (update) { /* normalize with the running values, updated when valid */
+                void *rr = PTR(void, rrp), *rrq = PTR(void, rrpp), *rm = PTR(void, rmp);
+                const double run_rho = read_value(rr, run_f64, c);
+                const double run_rho_prime = read_value(rrq, run_f64, c);
+                const double run_mean = read_value(rm, run_f64, c);
+                if (valid) {
+                    const int first = seen == 0;
+                    rho = write_value(rr, run_f64, c, blend_value(run_rho, rho, first, 1, bounded,
+                                                                  lo, hi, m));
+                    rho_prime = write_value(rrq, run_f64, c,
+                                            blend_value(run_rho_prime, rho_prime, first, 1,
+                                                        bounded, lo, hi, m));
+                    mu = write_value(rm, run_f64, c,
+                                     blend_value(run_mean, mu, first, 0, bounded, lo, hi, m));
+                } else {
+                    rho = run_rho;
+                    rho_prime = run_rho_prime;
+                    mu = run_mean;
+                }
+            } else if (!valid) { /* no running values to fall back on */
+                rho = rho_prime = 1.0;
+                mu = 0.0;
+            }
+        } else {
+            rho = read_value(PTR(void, rrp), run_f64, c);
+            rho_prime = read_value(PTR(void, rrpp), run_f64, c);
+            mu = read_value(PTR(void, rmp), run_f64, c);
+        }
+        const double lam = lambda_of(rho, rho_prime, eps), shift = center ? mu : 0.0;
+        const double lam_s = lamp ? write_value(PTR(void, lamp), lam_f64, c, lam) : lam;
+        const double shift_s = shiftp ? write_value(PTR(void, shiftp), shift_f64, c, shift)
+                                      : shift;
+        if (c == 0) {
+            lam0 = lam_s;
+            shift0 = shift_s;
+        }
+    }
+    if (update && invalid < C)
+        *nbt = seen + 1; /* a batch counts when any channel could use it */
+    return Py_BuildValue("(ndd)", invalid, lam0, shift0);
 }
 
 PyDoc_STRVAR(plan_doc,
@@ -1010,6 +1196,7 @@ static PyMethodDef methods[] = {
     {"stats", py_stats, METH_VARARGS, stats_doc},
     {"affine", py_affine, METH_VARARGS, affine_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
+    {"finish", py_finish, METH_VARARGS, finish_doc},
     {NULL, NULL, 0, NULL},
 };
 

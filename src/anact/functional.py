@@ -19,7 +19,6 @@ import math
 import sys
 import threading
 import warnings
-from array import array
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -353,78 +352,6 @@ def _normalization_stats(
     return (torch.where(valid, rho, torch.ones_like(rho)),
             torch.where(valid, rho_prime, torch.ones_like(rho_prime)),
             torch.where(valid, mu, torch.zeros_like(mu)), valid)  # fmt: skip
-
-
-def _normalization_stats_floats(
-    moments: tuple[float, ...],
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    dtype: torch.dtype,
-) -> tuple[float, float, float, bool]:
-    """:func:`_normalization_stats` for per-tensor statistics on Python floats.
-
-    ``moments``: (count, mean_x, var_x, mean_y, var_y, mean_dsq), already rounded to
-    the statistics' ``dtype``. The same rules (eq. 16–18, :func:`moments_to_stats`)
-    in double, the dtype's range standing for "finite"; the running buffers (0-dim)
-    are read once and written once. A dozen tensor ops on 0-dim tensors cost more
-    than a small layer's whole activation; this costs a few microseconds.
-    Returns ``(rho, rho_prime, mu, valid)`` as floats.
-    """
-    count, mean_x, var_x, mean_y, var_y, mean_dsq = moments
-    info = torch.finfo(dtype)
-
-    def finite(v: float) -> bool:  # representable in dtype (NaN: False)
-        return abs(v) <= info.max
-
-    rho = var_y / var_x if var_x != 0 else (math.nan if var_y == 0 else math.inf)
-    constant = var_x <= (4 * info.eps * abs(mean_x)) ** 2 + info.tiny
-    valid = (count >= 2 and not constant and finite(rho) and finite(mean_dsq)
-             and finite(mean_y) and rho > 0 and mean_dsq > 0)  # fmt: skip
-    if running_rho is None or not training:
-        return (rho, mean_dsq, mean_y, True) if valid else (1.0, 1.0, 0.0, False)
-    run_rho, run_rho_prime, run_mean = (
-        running_rho.item(), running_rho_prime.item(), running_mean.item()
-    )
-    seen = int(num_batches_tracked.item())
-    if not valid:
-        return run_rho, run_rho_prime, run_mean, False
-    m = 1.0 / (seen + 1) if momentum is None else momentum
-
-    def blend(run: float, new: float, filtered: bool) -> float:
-        if seen == 0:
-            return new
-        if filtered and bounds is not None and not (bounds[0] * run < new < bounds[1] * run):
-            return run  # eq. 17–18: an outlier batch leaves ρ (ρ') as it is
-        return run + m * (new - run)  # eq. 16
-
-    new_rho, new_rho_prime = blend(run_rho, rho, True), blend(run_rho_prime, mean_dsq, True)
-    new_mean = blend(run_mean, mean_y, False)
-    # one write per buffer, rounded once to its dtype; read back what was stored
-    running_rho.fill_(new_rho)
-    running_rho_prime.fill_(new_rho_prime)
-    running_mean.fill_(new_mean)
-    num_batches_tracked.add_(1)
-    return (_as_stored(new_rho, running_rho), _as_stored(new_rho_prime, running_rho_prime),
-            _as_stored(new_mean, running_mean), True)  # fmt: skip
-
-
-def _as_stored(value: float, buffer: Tensor) -> float:
-    """``value`` as ``buffer.fill_(value)`` stored it, without reading the buffer back."""
-    if buffer.dtype is torch.float64:
-        return value
-    if buffer.dtype is torch.float32 and (_FLOAT32.tiny <= abs(value) <= _FLOAT32.max
-                                          or value == 0):  # fmt: skip
-        return array("f", (value,))[0]  # round to nearest, as the cast in fill_
-    return buffer.item()  # NaN, ±inf, overflow, subnormals (flush-to-zero mode), other dtypes
-
-
-_FLOAT32 = torch.finfo(torch.float32)
 
 
 def lambda_factor(rho: Tensor, rho_prime: Tensor, eps: float | None = 1e-5) -> Tensor:

@@ -501,7 +501,8 @@ def test_native_uses_torch_thread_count(monkeypatch):
             fn = getattr(real, name)
 
             def call(*args):
-                calls.append((name, args[-1]))
+                if name != "finish":  # the statistics' step runs no pass
+                    calls.append((name, args[-1]))
                 return fn(*args)
 
             return call
@@ -588,67 +589,6 @@ def test_native_hooks_get_moments_like_eager():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(rn, re, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def _random_moments(rng):
-    count = float(rng.choice([1, 2, 50]))
-    mean_x, mean_y = rng.normal(0, 2), rng.normal(0, 2)
-    var_x = float(rng.choice([0.0, 1e-12, rng.uniform(0.1, 3)]))
-    var_y = float(rng.choice([0.0, rng.uniform(0.01, 3), math.inf]))
-    dsq = float(rng.choice([0.0, rng.uniform(0.1, 1), math.nan]))
-    return [count, mean_x, var_x, mean_y, var_y, dsq]
-
-
-@pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("bounds", [(0.2, 5.0), None])
-def test_statistics_on_floats_match_the_tensor_rules(momentum, bounds):
-    """functional._normalization_stats_floats (the native per-tensor path) against
-    _normalization_stats on random moments: invalid batches, first batch, outliers."""
-    rng = np.random.default_rng(9)
-    state_t = [torch.ones(()), torch.ones(()), torch.zeros(()), torch.zeros((), dtype=torch.long)]
-    state_f = [t.clone() for t in state_t]
-    for step in range(200):
-        values = torch.tensor(_random_moments(rng), dtype=torch.float32).tolist()
-        if step % 7 == 0:  # an outlier ρ against the running value
-            values[4] = values[2] * float(rng.choice([10.0, 0.01]))
-        training = step % 11 != 5
-        moments = AF.BatchMoments(*torch.tensor(values).unbind())
-        rho_t, rp_t, mu_t, valid_t = AF._normalization_stats(
-            moments, *state_t, training=training, momentum=momentum, bounds=bounds
-        )
-        rho_f, rp_f, mu_f, valid_f = AF._normalization_stats_floats(
-            values, *state_f, training=training, momentum=momentum, bounds=bounds,
-            dtype=torch.float32,
-        )  # fmt: skip
-        if not training:
-            # eval with running statistics: the tensor rules report the batch; the native
-            # path never asks (it reads the running values)
-            continue
-        assert bool(valid_t) == valid_f, (step, values)
-        for a, b in zip((rho_t, rp_t, mu_t), (rho_f, rp_f, mu_f), strict=True):
-            np.testing.assert_allclose(b, float(a), rtol=1e-6, atol=1e-7)
-        for a, b in zip(state_t, state_f, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-    assert 0 < int(state_t[3]) < 200
-
-
-def test_statistics_on_floats_without_running_values():
-    good = torch.tensor([50.0, 0.1, 2.0, 0.5, 1.0, 0.4]).tolist()
-    bad = torch.tensor([1.0, 0.1, 2.0, 0.5, 1.0, 0.4]).tolist()  # one element
-    for values, expect in ((good, (0.5, 0.4, 0.5, True)), (bad, (1.0, 1.0, 0.0, False))):
-        got = AF._normalization_stats_floats(
-            values,
-            None,
-            None,
-            None,
-            None,
-            training=True,
-            momentum=0.1,
-            bounds=None,
-            dtype=torch.float32,
-        )
-        np.testing.assert_allclose(got[:3], expect[:3], rtol=1e-6)
-        assert got[3] is expect[3]
 
 
 def test_native_model_training_matches_eager_over_steps():

@@ -147,13 +147,6 @@ def _layout(
 Plan = tuple[tuple[int, float, float], tuple[int, int, int], tuple[int, ...]]
 
 
-def _empty_in_order(like: Tensor, order: tuple[int, ...]) -> Tensor:
-    """An uninitialized tensor shaped and laid out in memory as ``like`` (``order``)."""
-    if not order:
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return torch.empty_permuted(like.shape, order, dtype=like.dtype, device=like.device)
-
-
 def plan_call(
     x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None
 ) -> Plan | None:
@@ -206,6 +199,13 @@ def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) ->
     return AF.BatchMoments(*stacked.to(dtype).unbind())
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to float32 (to nearest, as a cast) when ``dtype`` is float32.
+    One float32 +, −, ·, / is then reproduced on doubles: the double result rounded to
+    float32 is the float32 result (double has more than 2·24 + 2 bits)."""
+    return array("f", (value,))[0] if dtype is torch.float32 else value
+
+
 def _per_channel(t: Tensor, c: int) -> Tensor:
     """A () or (C,) statistic as C contiguous float32 values for the C passes."""
     if t.dtype is torch.float32 and t.numel() == c and t.is_contiguous():
@@ -215,6 +215,74 @@ def _per_channel(t: Tensor, c: int) -> Tensor:
         t = t.to(torch.float32)
     t = t.reshape(-1)
     return (t if t.numel() == c else t.expand(c)).contiguous()
+
+
+_STAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int) -> bool:
+    """Whether :func:`_finish` can read and write these running buffers and α's dtype:
+    CPU, float32/float64 statistics (one dtype), int64 count, C values each, dense."""
+    if alpha.dtype not in _STAT_DTYPES:
+        return False
+    rho, rho_prime, mean, tracked = buffers
+    if rho is None:
+        return True
+    dtype = rho.dtype
+    return (dtype in _STAT_DTYPES and rho_prime.dtype is dtype and mean.dtype is dtype
+            and tracked.dtype is torch.int64 and tracked.numel() == 1
+            and all(t.is_cpu and t.numel() == c and t.is_contiguous()
+                    for t in (rho, rho_prime, mean)) and tracked.is_cpu)  # fmt: skip
+
+
+def _finish(
+    sums: Tensor | None,
+    count: int,
+    c: int,
+    per_channel: bool,
+    buffers: tuple[Tensor | None, ...],
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    eps: float | None,
+    stat_dtype: torch.dtype,
+    on_invalid: Callable[[], None],
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` from the C sums (None: eval, the running values) by
+    ``_nactcpu.finish``: the batch statistics, the running update and λ in double, in
+    the order of the rules of :func:`anact.functional.moments_to_stats` and
+    :func:`~anact.functional.update_running_stats`, each stored value rounded once to
+    its buffer's dtype (the tensor rules round each float32 operation)."""
+    rho, rho_prime, mean, tracked = buffers
+    has_running = rho is not None
+    shift_dtype = mean.dtype if has_running else stat_dtype
+    lam_c = shift = None
+    if per_channel:  # written by the C call; per tensor it returns the two floats
+        lam_c = torch.empty(c, dtype=alpha.dtype, device="cpu")
+        shift = torch.empty(c, dtype=shift_dtype, device="cpu")
+    low, high = bounds if bounds is not None else (0.0, 0.0)
+    invalid, lam, mu = _nactcpu.finish(
+        0 if sums is None else sums.data_ptr(), c, float(count), stat_dtype is torch.float64,
+        *((rho.data_ptr(), rho_prime.data_ptr(), mean.data_ptr()) if has_running
+          else (0, 0, 0)),
+        has_running and rho.dtype is torch.float64, tracked.data_ptr() if has_running else 0,
+        training, math.nan if momentum is None else float(momentum), bounds is not None,
+        float(low), float(high), math.nan if eps is None else float(eps), center,
+        0 if lam_c is None else lam_c.data_ptr(), alpha.dtype is torch.float64,
+        0 if shift is None else shift.data_ptr(), shift_dtype is torch.float64,
+    )  # fmt: skip
+    if sums is not None and has_running and training:
+        torch.autograd.graph.increment_version(buffers)  # written in place by C
+    if invalid:
+        on_invalid()
+    scale = torch.tanh(alpha).mul(beta).add(lam if lam_c is None else lam_c)  # eq. 15
+    if shift is None:
+        shift = torch.full((), mu, dtype=shift_dtype, device="cpu")
+    return scale, shift
 
 
 class NativeNormalizedActivationFn(torch.autograd.Function):
@@ -276,24 +344,32 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None, None, None, None)
         outer, c, inner = ctx.layout
         kind, p0, p1 = ctx.kind
-        g = grad_out.to(torch.float32)
-        if not (g.permute(ctx.order) if ctx.order else g).is_contiguous():
-            g = _empty_in_order(saved, ctx.order).copy_(g)  # into the layout of x
+        g = grad_out if grad_out.dtype is torch.float32 else grad_out.to(torch.float32)
+        if g.stride() != saved.stride() and not (
+            g.permute(ctx.order) if ctx.order else g
+        ).is_contiguous():
+            g = torch.empty_like(saved).copy_(g)  # into the layout of x
         s, b = _per_channel(scale, c), _per_channel(shift, c)
         # from the output, the C pass compares with t = (0 − b)·s formed as the forward did
         bt = ((-b) * s) if ctx.saved_output else b
         # written even when only α needs a gradient (rare)
-        grad_x = _empty_in_order(saved, ctx.order)
-        gsum = torch.empty(c, dtype=torch.float64, device="cpu") if need_scale else None
-        _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
-                          outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
-                          bt.data_ptr(), 0 if gsum is None else gsum.data_ptr(),
-                          _threads(g.numel()))  # fmt: skip
+        grad_x = torch.empty_like(saved)  # x's layout (dense: its strides)
+        # per channel Σ into gsum; per tensor the call returns the sum
+        gsum = torch.empty(c, dtype=torch.float64, device="cpu") if need_scale and c > 1 else None
+        total = _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
+                                  outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
+                                  bt.data_ptr(), 0 if gsum is None else gsum.data_ptr(),
+                                  _threads(g.numel()))  # fmt: skip
         grad_scale = None
-        if gsum is not None:
-            grad_scale = gsum.to(scale.dtype).reshape(scale.shape)
-            if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
-                grad_scale = grad_scale / scale.to(torch.float32).to(scale.dtype)
+        if need_scale:
+            if gsum is None:  # on floats, rounded as the tensor ops below round
+                if ctx.saved_output:  # Σ g·out / s, with the float32 s the forward used
+                    total = _rounded(total, scale.dtype) / _rounded(scale.item(), torch.float32)
+                grad_scale = torch.full(scale.shape, total, dtype=scale.dtype, device="cpu")
+            else:
+                grad_scale = gsum.to(scale.dtype).reshape(scale.shape)
+                if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
+                    grad_scale = grad_scale / scale.to(torch.float32).to(scale.dtype)
         grad_x = grad_x if need_x else None
         return grad_x, grad_scale, None, None, None, None, None, None, None, None, None
 
@@ -331,32 +407,20 @@ def forward(
     outer, c, inner = layout
     has_running = running_rho is not None
     batch = training or not has_running
-    out = _empty_in_order(x, order)
+    out = torch.empty_like(x)  # x's layout (dense: its strides)
     sums = None
     if batch:
         sums = torch.empty((c, 7), dtype=torch.float64, device="cpu")
         _nactcpu.stats(x.data_ptr(), out.data_ptr(), outer, c, inner, kind[0], kind[1], kind[2],
                        sums.data_ptr(), _threads(x.numel()))  # fmt: skip
     stat_dtype = AF._stat_dtype(x)
-    if channel_dim is None and on_moments is None and reduce_moments is None:
-        # per tensor: the statistics on Python floats (a few µs instead of ~40 tensor ops)
-        if batch:
-            values = _moment_values(sums, outer * inner)
-            if stat_dtype is torch.float32:  # rounded as stored
-                values = array("f", values).tolist()
-            rho, rho_prime, mu, valid = AF._normalization_stats_floats(
-                values, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                training=training, momentum=momentum, bounds=bounds, dtype=stat_dtype,
-            )  # fmt: skip
-            if not valid:
-                on_invalid()
-        else:
-            rho, rho_prime = running_rho.item(), running_rho_prime.item()
-            mu = running_mean.item()
-        lam = AF._lambda_float(rho, rho_prime, eps)
-        scale = torch.tanh(alpha).mul(beta).add(lam)  # (λ + β·tanh α), eq. 15
-        shift_dtype = running_mean.dtype if has_running else stat_dtype
-        shift = torch.full((), mu if center else 0.0, dtype=shift_dtype, device="cpu")
+    buffers = (running_rho, running_rho_prime, running_mean, num_batches_tracked)
+    if on_moments is None and reduce_moments is None and _finish_applies(buffers, alpha, c):
+        # statistics, running update and λ in one C call (eq. 13, 16–18, 31)
+        scale, shift = _finish(sums, outer * inner, c, channel_dim is not None, buffers, alpha,
+                               training=training, momentum=momentum, bounds=bounds, beta=beta,
+                               center=center, eps=eps, stat_dtype=stat_dtype,
+                               on_invalid=on_invalid)  # fmt: skip
     else:
         if batch:
             moments = _moments(sums, outer * inner, channel_dim is not None, stat_dtype)
@@ -374,6 +438,11 @@ def forward(
             rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
         scale, shift = AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center,
                                            eps=eps)  # fmt: skip
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        # nothing to differentiate (inference, no_grad): the pass without autograd's node
+        return NativeNormalizedActivationFn.forward(
+            x, scale, shift, act, channel_dim, kind, layout, order, (out,), batch, False
+        )
     if callable(save_output):
         save_output = save_output(scale)
     return AF.apply_function(
