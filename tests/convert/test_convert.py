@@ -277,3 +277,21 @@ def test_per_channel_num_features_from_the_layer_before():
     conv(torch.randn(2, 3, 3, 3))
     with pytest.raises(ConversionError, match="pass example_inputs"):
         anact.convert(nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(4, 2)), channel_dim=1)
+
+
+@pytest.mark.parametrize("mode", ["graph", "modules"])
+def test_new_modules_take_the_mode_of_the_model(mode):
+    """A model converted in eval mode stays in eval mode: its new normalized activations and
+    buffer BatchNorm use their running values and change nothing; one in train mode trains."""
+    for training in (False, True):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).train(training)
+        kw = {"example_inputs": (torch.randn(2, 6),)} if mode == "modules" else {}
+        out = anact.convert(model, mode=mode, **kw)
+        new = [m for m in out.modules() if isinstance(m, (anact.NormalizedActivation,
+                                                           FeatureBatchNorm))]  # fmt: skip
+        assert len(new) == 2
+        assert all(m.training is training for m in out.modules())
+        before = {k: v.clone() for k, v in out.state_dict().items()}
+        out(torch.randn(4, 6))
+        changed = [k for k, v in out.state_dict().items() if not torch.equal(v, before[k])]
+        assert bool(changed) is training, changed

@@ -250,6 +250,7 @@ def convert(
                                     if k not in ("channel_dim", "activation_params")})
     params_before = _count(model)
     work = model if inplace else copy.deepcopy(model)
+    existing = {id(m) for m in work.modules()}
     if mode == "graph":
         out, report = _convert_graph(work, activation, kinds, remove_bn_affine, buffer_bn,
                                      skip_after_residual_add, example_inputs, concrete_args,
@@ -265,10 +266,24 @@ def convert(
                                        skip_after_residual_add, tuple(example_inputs), kwargs)
     else:
         raise ValueError(f"mode must be 'graph' or 'modules', got {mode!r}")
+    _inherit_modes(out, existing, work.training)
     report.params_before = params_before
     report.params_after = _count(out)
     out.anact_report = report
     return (out, report) if return_report else out
+
+
+def _inherit_modes(out: nn.Module, existing: set[int], training: bool) -> None:
+    """New modules (normalized activations, buffer BatchNorms, wrappers) take the train/eval
+    mode of the module they were put in, as a model in eval mode must stay in eval mode;
+    the model's own modules keep theirs."""
+    if id(out) not in existing:
+        out.training = training
+    for name, module in out.named_modules():  # parents before their children
+        if id(module) in existing or not name:
+            continue
+        parent = out.get_submodule(name.rpartition(".")[0])
+        module.training = parent.training
 
 
 # ---------------------------------------------------------------------------
