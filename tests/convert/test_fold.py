@@ -312,3 +312,33 @@ def test_fold_keeps_average_pools_whose_weights_do_not_sum_to_one(pool):
     assert rep[0] == "1: kept: its output feeds 2 (AvgPool2d), not a Linear/Conv"
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output head (the same Parameter), as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 16), nn.Linear(16, 16)
+        self.act, self.head = nn.ReLU(), nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc(self.emb(tokens))))
+
+
+@pytest.mark.parametrize("buffer_bn", [True, False])
+def test_fold_into_a_tied_weight_leaves_its_other_user_alone(buffer_bn):
+    """Folding writes c (and the buffer BatchNorm) into the head's own copy of a weight the
+    embedding also uses; the embedding keeps the trained values."""
+    torch.manual_seed(0)
+    model = anact.convert(TiedLM(), buffer_bn=buffer_bn)
+    for _ in range(3):
+        model(torch.randint(0, 20, (4, 7)))
+    model.eval()
+    tokens = torch.randint(0, 20, (4, 7))
+    folded, report = anact.fold(model, return_report=True)
+    assert any("folded" in line for line in report)
+    torch.testing.assert_close(folded(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded.emb.weight, model.emb.weight, rtol=0, atol=0)
+    assert folded.head.weight is not folded.emb.weight

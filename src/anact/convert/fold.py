@@ -237,8 +237,32 @@ def _zero_padded(layer: nn.Module) -> bool:
     return pad != "valid" and (isinstance(pad, str) or any(p != 0 for p in pad))
 
 
+def _shared_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters and buffers reachable under more than one name (tied weights,
+    e.g. an embedding and an LM head): folding writes into a private copy of those."""
+    seen: dict[int, int] = {}
+    for _, t in (*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)):  # fmt: skip
+        seen[id(t)] = seen.get(id(t), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
+
+
+def _untie(module: nn.Module, names: tuple[str, ...], shared: set[int]) -> None:
+    """Give ``module`` its own copy of each named tensor that another module also uses,
+    so that folding into it leaves the other one unchanged."""
+    for name in names:
+        t = getattr(module, name, None)
+        if t is None or id(t) not in shared:
+            continue
+        if isinstance(t, nn.Parameter):
+            setattr(module, name, nn.Parameter(t.detach().clone(), t.requires_grad))
+        else:
+            module._buffers[name] = t.detach().clone()
+
+
 def _try_fold_into_batchnorm(node: fx.Node, m: NormalizedActivation,
-                             modules: dict[str, nn.Module], calls: dict[str, int]) -> str:
+                             modules: dict[str, nn.Module], calls: dict[str, int],
+                             shared: set[int]) -> str:
     """An eval BatchNorm right after: (c·(δ − μ) − m)/s = (δ − (μ + m/c))/(s/c)."""
     if len(node.users) != 1:
         return ""
@@ -263,6 +287,7 @@ def _try_fold_into_batchnorm(node: fx.Node, m: NormalizedActivation,
     new_var = (var + bn.eps) / c.square() - bn.eps
     if not bool((new_var > 0).all()):
         return ""
+    _untie(bn, ("running_mean", "running_var"), shared)
     with torch.no_grad():
         bn.running_mean.copy_((mu + bn.running_mean.double() / c).to(bn.running_mean.dtype))
         bn.running_var.copy_(new_var.to(bn.running_var.dtype))
@@ -270,7 +295,7 @@ def _try_fold_into_batchnorm(node: fx.Node, m: NormalizedActivation,
 
 
 def _fold_feature_batchnorms(gm: fx.GraphModule, modules: dict[str, nn.Module],
-                             calls: dict[str, int]) -> list[str]:
+                             calls: dict[str, int], shared: set[int]) -> list[str]:
     """Fold each eval buffer BN (FeatureBatchNorm) into the Linear head right after it.
 
     BN(z) = a·z + d with a = γ/sqrt(var + eps), d = β − mean·a (per feature), so
@@ -293,6 +318,7 @@ def _fold_feature_batchnorms(gm: fx.GraphModule, modules: dict[str, nn.Module],
         d = -bn.running_mean.double() * a
         if bn.affine:
             a, d = a * bn.weight.double(), d * bn.weight.double() + bn.bias.double()
+        _untie(lin, ("weight", "bias"), shared)
         w = lin.weight.detach().double()
         with torch.no_grad():
             if lin.bias is None:
@@ -314,9 +340,9 @@ def _delete(gm: nn.Module, target: str) -> None:
 
 
 def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Module],
-              calls: dict[str, int]) -> str:
+              calls: dict[str, int], shared: set[int]) -> str:
     """Fold c (and μ when exact) into the next layers; returns what happened."""
-    bn_note = _try_fold_into_batchnorm(node, m, modules, calls)
+    bn_note = _try_fold_into_batchnorm(node, m, modules, calls, shared)
     if bn_note:
         return bn_note
     targets, why, pools = _consumers(node, modules)
@@ -341,6 +367,7 @@ def _try_fold(node: fx.Node, m: NormalizedActivation, modules: dict[str, nn.Modu
     shift_ok = not m.center or not any(_zero_padded(layer) for layer, _, _ in folds)
     with torch.no_grad():
         for layer, w_new, bias_delta in folds:
+            _untie(layer, ("weight", "bias"), shared)
             layer.weight.copy_(w_new.to(layer.weight.dtype))
             if shift_ok and m.center and bool((bias_delta != 0).any()):
                 if layer.bias is None:
@@ -432,6 +459,7 @@ def fold(
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    shared = _shared_tensors(gm)
     report: list[str] = []
     for node in list(gm.graph.nodes):
         m = modules.get(node.target) if node.op == "call_module" else None
@@ -441,7 +469,7 @@ def fold(
             report.append(f"{node.target}: not folded (track_running_stats=False uses "
                           "batch statistics in eval)")
             continue
-        what = _try_fold(node, m, modules, calls)
+        what = _try_fold(node, m, modules, calls, shared)
         if what.startswith("folded scale and shift"):
             new: nn.Module = _plain(m.activation)
         elif what.startswith("folded scale"):
@@ -455,7 +483,7 @@ def fold(
         node.target = name
         node.args, node.kwargs = node.args[:1], {}  # a mask only ever changed statistics
         report.append(f"{node.target}: {what}")
-    report.extend(_fold_feature_batchnorms(gm, modules, calls))
+    report.extend(_fold_feature_batchnorms(gm, modules, calls, shared))
     gm.graph.lint()
     gm.recompile()
     gm.eval()
