@@ -126,6 +126,24 @@ def test_built_on_meta_then_materialized(name):
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.parametrize("channels", [None, 8])
+def test_built_on_meta_then_loaded_with_assign(channels):
+    """``load_state_dict(sd, assign=True)`` into a module built on meta (how large
+    checkpoints are loaded): every tensor, the unsaved skip count too, ends on the
+    checkpoint's device, and the module trains and moves like one built there."""
+    kw = {} if channels is None else {"channel_dim": 1}
+    source = anact.NSwish(channels, **kw)
+    source(torch.randn(16, 8))
+    with torch.device("meta"):
+        m = anact.NSwish(channels, **kw)
+    m.load_state_dict(source.state_dict(), assign=True)
+    assert all(t.device.type == "cpu" for t in (*m.parameters(), *m.buffers()))
+    assert int(m.num_batches_skipped) == 0
+    m(torch.randn(16, 8))
+    assert int(m.num_batches_tracked) == 2
+    m.to(torch.float64)
+
+
 @pytest.mark.parametrize("name", sorted(OTHERS))
 def test_gpn_and_layeract_built_under_meta(name):
     ref = OTHERS[name]()

@@ -173,6 +173,14 @@ class NormalizedActivation(nn.Module):
         self.reset_running_stats()
         nn.init.zeros_(self.alpha)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # num_batches_skipped is not saved: after load_state_dict(..., assign=True) into a
+        # module built on meta, it would stay on meta; start it at 0 beside the count
+        skipped, tracked = self.num_batches_skipped, self.num_batches_tracked
+        if skipped is not None and skipped.is_meta and not tracked.is_meta:
+            self.num_batches_skipped = torch.zeros_like(skipped, device=tracked.device)
+
     def _check_input(self, x: Tensor) -> None:
         if self.channel_dim is not None:
             if not -x.dim() <= self.channel_dim < x.dim():
