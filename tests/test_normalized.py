@@ -4,6 +4,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,8 +217,10 @@ def test_mask_excludes_padding_from_statistics():
     assert torch.isfinite(out0).all()
 
 
-def test_mask_errors():
-    module = anact.NReLU()
+@pytest.mark.parametrize("training", [True, False])
+def test_mask_errors(training):
+    """A bad mask is an error in eval too, where the running values make it unused."""
+    module = anact.NReLU().train(training)
     with pytest.raises(TypeError, match="bool"):
         module(torch.randn(3, 4), mask=torch.ones(3, 4))
     with pytest.raises(ValueError, match="broadcast"):
@@ -364,6 +367,31 @@ def test_constructor_errors():
         anact.NReLU(eps=0)
     with pytest.raises(TypeError, match="floating"):
         anact.NReLU()(torch.arange(4))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"bounds": (0.2,)}, ValueError, "pair"),
+    ({"bounds": 0.2}, ValueError, "pair"),
+    ({"bounds": (0.2, "5")}, TypeError, "bounds must be a real number"),
+    ({"momentum": "0.1"}, TypeError, "momentum must be a real number"),
+    ({"beta": None}, TypeError, "beta must be a real number"),
+    ({"beta": math.inf}, ValueError, "beta must be finite"),
+    ({"beta": -0.1}, ValueError, "beta must be finite and >= 0"),
+    ({"eps": math.inf}, ValueError, "eps must be finite"),
+    ({"eps": math.nan}, ValueError, "eps must be finite"),
+    ({"num_features": 2.5, "channel_dim": 1}, TypeError, "num_features must be an int"),
+    ({"num_features": True, "channel_dim": 1}, TypeError, "num_features must be an int"),
+    ({"num_features": 3, "channel_dim": 1.0}, TypeError, "channel_dim must be an int"),
+    ({"num_features": 3, "channel_dim": "x"}, TypeError, "channel_dim must be an int"),
+])  # fmt: skip
+def test_constructor_rejects_wrong_types_with_the_argument_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        anact.NReLU(**kwargs)
+
+
+def test_constructor_accepts_numpy_and_int_numbers():
+    m = anact.NReLU(momentum=np.float32(0.5), beta=1, eps=np.float64(1e-4), bounds=[0, 10])
+    assert (m.momentum, m.beta, m.eps, m.bounds) == (0.5, 1.0, 1e-4, (0.0, 10.0))
 
 
 def _saved_bytes(fn, x):

@@ -752,6 +752,8 @@ def normalized_activation(
     _check_channel_dim(x, channel_dim)
     act = resolve_activation(activation)
     _saves_output(act, save)  # raises on a bad value before any statistic is updated
+    if mask is not None and not training and running_rho is not None:
+        _check_mask(x, mask)  # unused in eval, but a bad one is an error there too
     # a fast path (anact.kernels.set_backend) when one applies; the code below is the reference
     fast = _kernels.dispatch(
         x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked, alpha,

@@ -8,6 +8,7 @@ and stored statistics, and the math lives in :mod:`anact.functional`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -107,17 +108,27 @@ class NormalizedActivation(nn.Module):
         self.activation = resolve_activation(activation, **(activation_params or {}))
         AF._saves_output(self.activation, save)  # raises on a bad value
         self.save = save
+        momentum = None if momentum is None else _real("momentum", momentum)
         if momentum is not None and not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
         if bounds is not None:
-            low, high = (float(b) for b in bounds)
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+                raise ValueError(f"bounds must be a pair (L, U) or None, got {bounds!r}")
+            low, high = (_real("bounds", b) for b in bounds)
             if not 0.0 <= low < 1.0 < high:
                 raise ValueError(f"bounds must satisfy 0 <= L < 1 < U, got {bounds}")
             bounds = (low, high)
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        beta, eps = _real("beta", beta), _real("eps", eps)
+        if not 0 <= beta < math.inf:
+            raise ValueError(f"beta must be finite and >= 0, got {beta}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"eps must be finite and > 0, got {eps}")
+        if channel_dim is not None and (isinstance(channel_dim, bool)
+                                        or not isinstance(channel_dim, int)):  # fmt: skip
+            raise TypeError(f"channel_dim must be an int or None, got {channel_dim!r}")
+        if num_features is not None and (isinstance(num_features, bool)
+                                         or not isinstance(num_features, int)):  # fmt: skip
+            raise TypeError(f"num_features must be an int or None, got {num_features!r}")
         if (channel_dim is None) != (num_features is None):
             raise ValueError(
                 "per-channel statistics need both channel_dim and num_features "
@@ -308,6 +319,13 @@ class NormalizedActivation(nn.Module):
         if save != "auto":
             parts.append(f"save={save!r}")
         return ", ".join(parts)
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float, or a TypeError that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def _named(name: str, doc: str) -> type[NormalizedActivation]:
