@@ -893,3 +893,72 @@ def test_auto_saves_what_the_plain_module_saves():
                 out.sum().backward()  # works for nn.LeakyReLU, so for NLReLU too
 
 
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "fused"])
+@pytest.mark.parametrize("cls,unusable", [
+    (anact.NTanh, lambda x: x.fill_(0.5)),  # constant
+    (anact.NReLU, lambda x: x.abs_().neg_().sub_(0.1)),  # dead: all negative
+])  # fmt: skip
+def test_per_channel_first_usable_batch_initialises_each_channel(backend, cls, unusable):
+    """A channel that cannot use the first batch is initialised by its own first usable
+    batch (eq. 16–18 per channel): it then follows the float64 reference fed only its
+    usable batches, even when its ρ lies outside the bounds around the initial ρ = 1."""
+    import anact.kernels as K
+
+    torch.manual_seed(3)
+    batches = [torch.randn(64, 2) * 4 for _ in range(6)]
+    unusable(batches[0][:, 1])
+    module = cls(2, channel_dim=1)
+    refs = [Reference(NAMED[cls]), Reference(NAMED[cls])]
+    with K.backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AF.StatisticsWarning)
+        for i, x in enumerate(batches):
+            module(x)
+            refs[0].update(x[:, 0].double())
+            if i > 0:
+                refs[1].update(x[:, 1].double())
+    for c, ref in enumerate(refs):
+        close(module.running_rho[c], ref.rho)
+        close(module.running_rho_prime[c], ref.rho_p)
+        close(module.running_mean[c], ref.mu)
+    assert module.channel_batches_tracked.tolist() == [6, 5]
+    assert int(module.num_batches_tracked) == 6 and int(module.num_batches_skipped) == 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_per_channel_cumulative_average_counts_each_channel_s_batches(backend):
+    """momentum=None: each channel's running μ is the plain mean of its usable batches'
+    μ; a batch no channel can use is skipped and not counted."""
+    import anact.kernels as K
+
+    torch.manual_seed(4)
+    batches = [torch.randn(32, 3) for _ in range(5)]
+    batches[1][:, 2] = -1.0  # channel 2 dead in batch 1
+    batches[3][:] = -1.0  # no channel usable in batch 3
+    module = anact.NReLU(3, channel_dim=1, momentum=None)
+    with K.backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AF.StatisticsWarning)
+        for x in batches:
+            module(x)
+    for c in range(3):
+        used = [x[:, c].double() for i, x in enumerate(batches)
+                if i != 3 and not (i == 1 and c == 2)]  # fmt: skip
+        close(module.running_mean[c], np.mean([u.clamp(min=0).mean().item() for u in used]))
+    assert module.channel_batches_tracked.tolist() == [4, 4, 3]
+    assert int(module.num_batches_tracked) == 4 and int(module.num_batches_skipped) == 1
+
+
+def test_per_channel_state_saved_before_the_channel_counts_loads():
+    """A per-channel state dict without ``channel_batches_tracked`` (saved by an older
+    anact) loads strictly: each channel is taken to have counted every tracked batch."""
+    source = anact.NSwish(4, channel_dim=1)
+    for _ in range(3):
+        source(torch.randn(16, 4))
+    state = source.state_dict()
+    assert state["channel_batches_tracked"].tolist() == [3] * 4
+    del state["channel_batches_tracked"]
+    target = anact.NSwish(4, channel_dim=1)
+    target.load_state_dict(state)
+    assert target.channel_batches_tracked.tolist() == [3] * 4
+    assert "channel_batches_tracked" not in anact.NSwish().state_dict()  # per tensor: one count

@@ -1061,12 +1061,14 @@ NO_CONTRACT static int channel_stats(const double *row, double count, const stat
 
 PyDoc_STRVAR(finish_doc,
 "finish(sums_ptr, C, count, stat_f64, rr_ptr, rrp_ptr, rm_ptr, run_f64, nbt_ptr,\n"
-"       training, momentum, bounded, lo, hi, eps, center, lam_ptr, lam_f64,\n"
-"       shift_ptr, shift_f64) -> (invalid, lam0, shift0)\n\n"
+"       nbt_per_channel, training, momentum, bounded, lo, hi, eps, center, lam_ptr,\n"
+"       lam_f64, shift_ptr, shift_f64) -> (invalid, lam0, shift0)\n\n"
 "What the affine pass normalizes with, per channel, from the C×7 sums of stats()\n"
 "(sums_ptr 0: none, eval with the running values): the batch statistics; in training\n"
-"with running values (rr_ptr, rrp_ptr, rm_ptr: C floats or doubles, nbt_ptr: int64)\n"
-"their update (eq. 16-18; momentum NaN: cumulative average), normalizing with the\n"
+"with running values (rr_ptr, rrp_ptr, rm_ptr: C floats or doubles, nbt_ptr: int64,\n"
+"one count, raised when any channel is usable, or C counts with nbt_per_channel,\n"
+"each raised when its channel is usable: first batch and cumulative average per\n"
+"channel) their update (eq. 16-18; momentum NaN: cumulative average), normalizing with the\n"
 "values stored; without running values the batch's (λ = 1, μ = 0 where unusable).\n"
 "Writes λ (eq. 13; eps NaN: no floor) and the shift (μ, or 0 without center) into\n"
 "lam_ptr, shift_ptr (0: not written). Returns the number of channels whose batch\n"
@@ -1076,11 +1078,12 @@ static PyObject *py_finish(PyObject *self, PyObject *args) {
     unsigned long long sp, rrp, rrpp, rmp, nbtp, lamp, shiftp;
     Py_ssize_t C;
     double count, momentum, lo, hi, eps;
-    int stat_f64, run_f64, training, bounded, center, lam_f64, shift_f64;
+    int stat_f64, run_f64, per_channel, training, bounded, center, lam_f64, shift_f64;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KndpKKKpKpdpdddpKpKp:finish", &sp, &C, &count, &stat_f64,
-                          &rrp, &rrpp, &rmp, &run_f64, &nbtp, &training, &momentum, &bounded,
-                          &lo, &hi, &eps, &center, &lamp, &lam_f64, &shiftp, &shift_f64))
+    if (!PyArg_ParseTuple(args, "KndpKKKpKppdpdddpKpKp:finish", &sp, &C, &count, &stat_f64,
+                          &rrp, &rrpp, &rmp, &run_f64, &nbtp, &per_channel, &training,
+                          &momentum, &bounded, &lo, &hi, &eps, &center, &lamp, &lam_f64,
+                          &shiftp, &shift_f64))
         return NULL;
     const int has_running = rrp && rrpp && rmp && nbtp;
     if (C < 1 || (!sp && !has_running) || ((rrp || rrpp || rmp || nbtp) && !has_running)) {
@@ -1092,8 +1095,7 @@ static PyObject *py_finish(PyObject *self, PyObject *args) {
                                  : (stat_type){FLT_MAX, FLT_EPSILON, FLT_MIN, 0};
     int64_t *nbt = PTR(int64_t, nbtp);
     const int update = sp && has_running && training;
-    const int64_t seen = has_running ? *nbt : 0;
-    const double m = momentum == momentum ? momentum : 1.0 / (double)(seen + 1);
+    const int64_t seen_all = has_running ? *nbt : 0;
     Py_ssize_t invalid = 0;
     double lam0 = 0.0, shift0 = 0.0;
     for (Py_ssize_t c = 0; c < C; c++) {
@@ -1103,6 +1105,8 @@ static PyObject *py_finish(PyObject *self, PyObject *args) {
                                             &rho_prime, &mu);
             invalid += !valid;
             if (update) { /* normalize with the running values, updated when valid */
+                const int64_t seen = per_channel ? nbt[c] : seen_all;
+                const double m = momentum == momentum ? momentum : 1.0 / (double)(seen + 1);
                 void *rr = PTR(void, rrp), *rrq = PTR(void, rrpp), *rm = PTR(void, rmp);
                 const double run_rho = read_value(rr, run_f64, c);
                 const double run_rho_prime = read_value(rrq, run_f64, c);
@@ -1116,6 +1120,8 @@ static PyObject *py_finish(PyObject *self, PyObject *args) {
                                                         bounded, lo, hi, m));
                     mu = write_value(rm, run_f64, c,
                                      blend_value(run_mean, mu, first, 0, bounded, lo, hi, m));
+                    if (per_channel)
+                        nbt[c] = seen + 1;
                 } else {
                     rho = run_rho;
                     rho_prime = run_rho_prime;
@@ -1139,8 +1145,8 @@ static PyObject *py_finish(PyObject *self, PyObject *args) {
             shift0 = shift_s;
         }
     }
-    if (update && invalid < C)
-        *nbt = seen + 1; /* a batch counts when any channel could use it */
+    if (update && !per_channel && invalid < C)
+        *nbt = seen_all + 1; /* a batch counts when any channel could use it */
     return Py_BuildValue("(ndd)", invalid, lam0, shift0);
 }
 

@@ -303,6 +303,12 @@ def update_running_stats(
     blended only when L·ρ < ρ_M < U·ρ, else kept. Entries where ``valid`` is
     False keep their values. ``momentum=None`` gives the cumulative average,
     as in ``nn.BatchNorm``. Uses tensor ops only (no host synchronisation).
+
+    ``num_batches_tracked`` is one count (shape ()), raised when any entry was
+    valid, or one count per statistic (the statistics' shape, e.g. (C,)), each
+    raised when its entry was valid: then "first" and the cumulative average are
+    per channel, so a channel that could not use the first batch (dead, constant,
+    NaN) is initialised by its own first usable batch.
     """
     with torch.no_grad():
         first = num_batches_tracked == 0
@@ -324,7 +330,9 @@ def update_running_stats(
         running_rho.copy_(blend(running_rho, rho, True))
         running_rho_prime.copy_(blend(running_rho_prime, rho_prime, True))
         running_mean.copy_(blend(running_mean, mu, False))
-        num_batches_tracked.add_(valid.any().to(num_batches_tracked.dtype))
+        per_statistic = num_batches_tracked.dim() > 0 and num_batches_tracked.shape == valid.shape
+        num_batches_tracked.add_((valid if per_statistic else valid.any())
+                                 .to(num_batches_tracked.dtype))  # fmt: skip
 
 
 def _normalization_stats(

@@ -158,6 +158,10 @@ class NormalizedActivation(nn.Module):
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
+            if num_features is not None:  # per channel: each channel's usable batches
+                self.register_buffer(
+                    "channel_batches_tracked", torch.zeros(shape, dtype=torch.long, device=device)
+                )
             # training batches left out of the running statistics (not saved)
             self.register_buffer(
                 "num_batches_skipped",
@@ -179,12 +183,21 @@ class NormalizedActivation(nn.Module):
             self.running_mean.zero_()
             self.num_batches_tracked.zero_()
             self.num_batches_skipped.zero_()
+            if self._buffers.get("channel_batches_tracked") is not None:
+                self.channel_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         nn.init.zeros_(self.alpha)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        per_channel = self._buffers.get("channel_batches_tracked")
+        key = prefix + "channel_batches_tracked"
+        if per_channel is not None and key not in state_dict:
+            # saved before the per-channel counts: every channel counted every batch
+            tracked = state_dict.get(prefix + "num_batches_tracked")
+            count = 0 if tracked is None else int(tracked)
+            state_dict[key] = torch.full_like(per_channel, count, device="cpu")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # num_batches_skipped is not saved: after load_state_dict(..., assign=True) into a
         # module built on meta, it would stay on meta; start it at 0 beside the count
@@ -207,11 +220,16 @@ class NormalizedActivation(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
-        before = self._batches_seen() if self._counts_skips() else None
+        running_rho, running_rho_prime, running_mean, counts, alpha = self._state_tensors()
+        before = self._batches_seen(counts) if self._counts_skips() else None
         out = AF.normalized_activation(
             x,
             self.activation,
-            *self._state_tensors(),
+            running_rho,
+            running_rho_prime,
+            running_mean,
+            counts,
+            alpha,
             training=self.training,
             momentum=self.momentum,
             bounds=self.bounds,
@@ -225,37 +243,54 @@ class NormalizedActivation(nn.Module):
             save=self.__dict__.get("save", "auto"),  # absent in modules pickled before
         )
         if before is not None:
-            self._count_skip(before)
+            self._count_batch(before, counts)
         return out
 
     def _state_tensors(self) -> tuple[Tensor | None, ...]:
-        """(running_rho, running_rho_prime, running_mean, num_batches_tracked, alpha), read
-        from the module's tables: ~2 µs less per tensor than ``Module.__getattr__``'s
-        search; attribute access where a name left them (e.g. a parametrization)."""
+        """(running_rho, running_rho_prime, running_mean, counts, alpha), read from the
+        module's tables: ~2 µs less per tensor than ``Module.__getattr__``'s search;
+        attribute access where a name left them (e.g. a parametrization). ``counts``:
+        ``channel_batches_tracked`` per channel, else ``num_batches_tracked``."""
         buffers, params = self._buffers, self._parameters
         names = ("running_rho", "running_rho_prime", "running_mean", "num_batches_tracked")
         if all(name in buffers for name in names) and "alpha" in params:
-            return (*(buffers[name] for name in names), params["alpha"])
-        return (*(getattr(self, name) for name in names), self.alpha)
+            tensors = [buffers[name] for name in names]
+            alpha = params["alpha"]
+        else:
+            tensors = [getattr(self, name) for name in names]
+            alpha = self.alpha
+        per_channel = buffers.get("channel_batches_tracked")
+        if per_channel is not None:
+            tensors[3] = per_channel
+        return (*tensors, alpha)
 
     def _counts_skips(self) -> bool:
         return self.training and self.track_running_stats
 
-    def _batches_seen(self) -> int | Tensor:
-        # on CPU in eager mode a Python int (a read costs less than a clone and a
-        # comparison); elsewhere (devices, vmap, compile) a copy, compared as a tensor
-        tracked = self.num_batches_tracked
-        if tracked.device.type == "cpu" and not AF._is_compiling() and not _transforms_active():
-            return int(tracked)
-        return tracked.clone()
+    def _batches_seen(self, counts: Tensor) -> int | Tensor:
+        """The total of ``counts`` before a batch: on CPU in eager mode a Python int (a
+        read costs less than a clone and a comparison); elsewhere (devices, vmap,
+        compile) a tensor, compared as a tensor (no host synchronisation)."""
+        if counts.device.type == "cpu" and not AF._is_compiling() and not _transforms_active():
+            return int(counts.sum()) if counts.dim() else int(counts)
+        return counts.sum() if counts.dim() else counts.clone()
 
-    def _count_skip(self, before: int | Tensor) -> None:
-        """Add 1 to ``num_batches_skipped`` when this batch left the count unchanged."""
+    def _count_batch(self, before: int | Tensor, counts: Tensor) -> None:
+        """After a training batch: per channel, add 1 to ``num_batches_tracked`` when some
+        channel could use it; add 1 to ``num_batches_skipped`` when none could."""
+        per_channel = counts.dim() > 0
+        buffers = self._buffers
         if isinstance(before, int):
-            if int(self.num_batches_tracked) == before:
-                self.num_batches_skipped.add_(1)
+            counted = (int(counts.sum()) if per_channel else int(counts)) != before
+            if not counted:
+                buffers["num_batches_skipped"].add_(1)
+            elif per_channel:
+                buffers["num_batches_tracked"].add_(1)
         else:
-            self.num_batches_skipped.add_((self.num_batches_tracked == before).long())
+            counted = (counts.sum() if per_channel else counts) != before
+            buffers["num_batches_skipped"].add_((~counted).long())
+            if per_channel:
+                buffers["num_batches_tracked"].add_(counted.long())
 
     def _reduce_moments(self):
         """Hook for synchronised statistics (distributed training); None = local."""

@@ -129,7 +129,7 @@ def _finish(sums, count, c, buffers, *, training=True, momentum=0.1, bounds=(0.2
     invalid, lam0, shift0 = native._nactcpu.finish(
         0 if sums is None else sums.data_ptr(), c, float(count), False,
         *((rr.data_ptr(), rrp.data_ptr(), rm.data_ptr()) if has_running else (0, 0, 0)),
-        False, nbt.data_ptr() if has_running else 0, training,
+        False, nbt.data_ptr() if has_running else 0, has_running and nbt.dim() > 0, training,
         math.nan if momentum is None else momentum, bounds is not None,
         *(bounds or (0.0, 0.0)), math.nan if eps is None else eps, center,
         lam.data_ptr(), False, shift.data_ptr(), False,
@@ -253,11 +253,11 @@ def test_finish_matches_the_tensor_rules():
 
 def test_finish_checks_its_arguments():
     with pytest.raises(ValueError, match="C >= 1"):
-        native._nactcpu.finish(0, 1, 2.0, False, 0, 0, 0, False, 0, True, 0.1, True, 0.2, 5.0,
-                               1e-5, True, 0, False, 0, False)  # fmt: skip
+        native._nactcpu.finish(0, 1, 2.0, False, 0, 0, 0, False, 0, False, True, 0.1, True,
+                               0.2, 5.0, 1e-5, True, 0, False, 0, False)  # fmt: skip
     sums = torch.zeros((1, 7), dtype=torch.float64)
     rr = torch.ones(1)
     with pytest.raises(ValueError, match="all four running buffers"):
         native._nactcpu.finish(sums.data_ptr(), 1, 2.0, False, rr.data_ptr(), 0, 0, False,
-                               0, True, 0.1, True, 0.2, 5.0, 1e-5, True, 0, False, 0,
+                               0, False, True, 0.1, True, 0.2, 5.0, 1e-5, True, 0, False, 0,
                                False)  # fmt: skip

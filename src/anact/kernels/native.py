@@ -230,7 +230,8 @@ def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int) -
         return True
     dtype = rho.dtype
     return (dtype in _STAT_DTYPES and rho_prime.dtype is dtype and mean.dtype is dtype
-            and tracked.dtype is torch.int64 and tracked.numel() == 1
+            and tracked.dtype is torch.int64 and tracked.numel() in (1, c)
+            and tracked.is_contiguous()
             and all(t.is_cpu and t.numel() == c and t.is_contiguous()
                     for t in (rho, rho_prime, mean)) and tracked.is_cpu)  # fmt: skip
 
@@ -270,6 +271,7 @@ def _finish(
         *((rho.data_ptr(), rho_prime.data_ptr(), mean.data_ptr()) if has_running
           else (0, 0, 0)),
         has_running and rho.dtype is torch.float64, tracked.data_ptr() if has_running else 0,
+        has_running and tracked.dim() > 0 and tracked.numel() == c,  # a count per channel
         training, math.nan if momentum is None else float(momentum), bounds is not None,
         float(low), float(high), math.nan if eps is None else float(eps), center,
         0 if lam_c is None else lam_c.data_ptr(), alpha.dtype is torch.float64,
