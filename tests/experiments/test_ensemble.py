@@ -209,7 +209,10 @@ def test_cli_ensemble_end_to_end(tmp_path, fake_mnist, capsys):
     assert sorted(res) == [("nswish", 0), ("nswish", 1), ("relu", 0), ("relu", 1)]
     for ((_, loss, acc, score, wsum),) in res.values():
         assert loss > 0 and 0 <= acc <= 100 and 0 < score < 50 and wsum > 0
-    assert write_report(tmp_path, figures=False).exists()  # the report reads it unchanged
+    with Store(tmp_path / RESULTS_FILE) as st:  # each epoch records how it was trained
+        assert {e["mode"] for r in st.runs() for e in st.epochs(r["id"])} == {"ensemble"}
+    text = write_report(tmp_path, figures=False).read_text()
+    assert "| mode |" in text and "| ensemble |" in text
 
 
 def test_ensemble_refused_where_unsupported(tmp_path, small_data, capsys):

@@ -71,13 +71,14 @@ def test_old_database_is_migrated(tmp_path):
         assert st.epochs(1) == [{
             "run_id": 1, "epoch": 1, "train_loss": None, "val_acc": 55.0, "val_acc_top5": None,
             "score": 2.5, "weight_mean_abs_sum": None, "seconds": None, "extra": {},
+            "mode": None,
         }]  # fmt: skip
         st.record_epoch(1, 2, {"val_acc": 60.0}, extra={"corrupt_acc": 30.0})
         assert st.epochs(1)[1]["extra"] == {"corrupt_acc": 30.0}
     with Store(path) as st:  # a second open finds it migrated already
         assert [e["extra"] for e in st.epochs(1)] == [{}, {"corrupt_acc": 30.0}]
     cols = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(epochs)")]
-    assert cols == ["run_id", "epoch", *EPOCH_FIELDS, "extra"]
+    assert cols == ["run_id", "epoch", *EPOCH_FIELDS, "extra", "mode"]
 
 
 # -- the runner -------------------------------------------------------------------
@@ -228,15 +229,34 @@ def test_layeract_robustness_table(layeract_results):
     heads = [ln for ln in text.splitlines() if ln.startswith("| method |")]
     robust_head = next(h for h in heads if "corrupted top-1" in h)
     assert [c.strip() for c in robust_head.strip("|").split("|")] == [
-        "method", "runs", "clean top-1", "corrupted top-1 (mean)", "drop",
-        "gaussian noise", "contrast", "paper clean top1",
+        "method", "runs", "clean top-1 (full test)", "clean top-1 (corrupted images)",
+        "corrupted top-1 (mean)", "drop", "gaussian noise", "contrast", "paper clean top1",
     ]  # fmt: skip
     assert "| method | runs | mean | median |" in text  # the main table is still there
-    assert row(text, "ReLU", 1) == ["ReLU", "1", "80.00", "62.00", "18.00", "52.00", "72.00",
-                                    "91.79"]  # fmt: skip
+    # no corrupt_subset in these runs' settings: the whole test set was corrupted
+    assert row(text, "ReLU", 1) == ["ReLU", "1", "80.00", "80.00", "62.00", "18.00", "52.00",
+                                    "72.00", "91.79"]  # fmt: skip
     la = row(text, "LA-SiLU", 1)
-    assert la[2:5] == ["84.00", "71.00", "13.00"] and la[-1] == "92.30"
+    assert la[2:6] == ["84.00", "84.00", "71.00", "13.00"] and la[-1] == "92.30"
     assert row(text, "LA-HardSiLU", 1)[-1] == "91.84"
+
+
+def test_robustness_drop_is_measured_on_the_corrupted_images(tmp_path):
+    # clean top-1 90 % on the full test set but 50 % on the 500 images that were
+    # corrupted (45 %): the drop is 5 points, not 45
+    with Store(tmp_path / RESULTS_FILE) as st:
+        for act, extra in (("relu", {"corrupt_clean_acc": 50.0}), ("swish", {})):
+            rid = st.ensure_run(study="layeract", model="resnet-cifar", dataset="cifar10",
+                                activation=act, seed=0,
+                                config={"epochs": 1, "corrupt_subset": 500})  # fmt: skip
+            st.record_epoch(rid, 1, {"val_acc": 90.0, "score": 1.0},
+                            extra={"corrupt_acc": 45.0, **extra})  # fmt: skip
+            st.set_status(rid, "done")
+    text = write_report(tmp_path, figures=False).read_text()
+    assert row(text, "ReLU", 1)[2:6] == ["90.00", "50.00", "45.00", "5.00"]
+    # stored before corrupt_clean_acc existed: no clean accuracy on those images, no drop
+    assert row(text, "Swish", 1)[2:6] == ["90.00", "–", "45.00", "–"]
+    assert "the first 500 test images" in text
 
 
 def test_layeract_paper_numbers_in_paper_module():

@@ -100,3 +100,47 @@ def test_spearman_matches_scipy():
     y = [10.0, 30.0, 20.0, 25.0, 1.0, 40.0]
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def _one_epoch_run(st, act, seed, acc, *, status="done", mode=None, error=None):
+    rid = st.ensure_run(study="table1", model="lenet5", dataset="mnist", activation=act,
+                        seed=seed, config={"epochs": 1})  # fmt: skip
+    if acc is not None:
+        st.record_epoch(rid, 1, {"val_acc": acc, "score": 1.0, "seconds": 1.0}, mode=mode)
+    st.set_status(rid, status, error)
+    return rid
+
+
+def test_failed_runs_are_listed_with_their_error(tmp_path):
+    with Store(tmp_path / "results.sqlite") as st:
+        _one_epoch_run(st, "relu", 0, 90.0)
+        _one_epoch_run(st, "nrelu", 0, None, status="failed",
+                       error="Traceback (most recent call last):\n  ...\nBoom: disk full\n")
+        _one_epoch_run(st, "swish", 0, None, status="pending")
+    text = write_report(tmp_path, figures=False).read_text()
+    assert "1 failed run(s) left out" in text
+    assert "- NReLU seed 0, after 0 epoch(s): `Boom: disk full`" in text
+    assert "1 unfinished run(s) left out (pending, or running in another process" in text
+
+
+def test_training_mode_is_shown_when_ensembles_were_used(tmp_path):
+    with Store(tmp_path / "results.sqlite") as st:
+        _one_epoch_run(st, "relu", 0, 90.0, mode="sequential")
+        _one_epoch_run(st, "relu", 1, 91.0, mode="ensemble")
+        _one_epoch_run(st, "nrelu", 0, 92.0, mode="ensemble")
+        with pytest.raises(ValueError, match="mode must be one of"):
+            st.record_epoch(1, 1, {"val_acc": 1.0}, mode="batched")
+    text = write_report(tmp_path, figures=False).read_text()
+    head = next(ln for ln in text.splitlines() if ln.startswith("| method |"))
+    col = [c.strip() for c in head.strip("|").split("|")].index("mode")  # before the paper's
+    assert row(text, "ReLU")[col] == "1 ensemble, 1 sequential"
+    assert row(text, "NReLU")[col] == "ensemble"
+    assert "grow over training" in text
+
+
+def test_sequential_only_has_no_mode_column_and_ties_are_not_bold(tmp_path):
+    with Store(tmp_path / "results.sqlite") as st:
+        for act in ("relu", "nrelu", "swish"):
+            _one_epoch_run(st, act, 0, 10.0, mode="sequential")  # all at chance
+    text = write_report(tmp_path, figures=False).read_text()
+    assert "| mode |" not in text and "**" not in text

@@ -127,3 +127,31 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, fake_mnist):
     assert (tmp_path / "x" / "checkpoints" / f"run-{run['id']}.pt").exists()
     reproduce(table1, cfg, ["nrelu"], out_dir=tmp_path / "x", quiet=True)
     assert stored(tmp_path / "x") == stored(tmp_path / "ref")
+
+
+def test_corrupt_checkpoint_is_discarded_and_the_run_restarts(tmp_path, fake_mnist):
+    cfg = small_config(fake_mnist)
+    table1 = get_study("table1")
+    reproduce(table1, cfg, ["relu"], out_dir=tmp_path / "ref", quiet=True)
+    out = tmp_path / "x"
+    with pytest.raises(Boom):
+        reproduce(crashing_in_epoch_2(table1), cfg, ["relu"], out_dir=out, quiet=True)
+    (ckpt,) = (out / "checkpoints").iterdir()
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # truncated, e.g. a full disk
+    with pytest.warns(RuntimeWarning, match=r"checkpoint .*run-1\.pt is unusable.*from scratch"):
+        reproduce(table1, cfg, ["relu"], out_dir=out, quiet=True)
+    assert stored(out) == stored(tmp_path / "ref")  # from scratch: the same numbers
+    with Store(out / RESULTS_FILE) as st:
+        assert [r["status"] for r in st.runs()] == ["done"]
+    assert not list((out / "checkpoints").iterdir())
+
+
+def test_claim_is_refreshed_during_an_epoch(tmp_path, fake_mnist, monkeypatch):
+    from anact.experiments import runner
+
+    beats = []
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.0)
+    monkeypatch.setattr(Store, "heartbeat", lambda self, run_id: beats.append(run_id) or True)
+    reproduce(get_study("table1"), small_config(fake_mnist, epochs=1), ["relu"],
+              out_dir=tmp_path, quiet=True)  # fmt: skip
+    assert len(beats) == 512 // 32  # after every optimizer step of the one epoch

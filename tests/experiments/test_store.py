@@ -1,5 +1,6 @@
 import multiprocessing as mp
 import sqlite3
+import time
 
 import pytest
 
@@ -22,7 +23,7 @@ def test_schema_wal_and_identity(tmp_path):
     db = sqlite3.connect(tmp_path / "r.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     cols = [r[1] for r in db.execute("PRAGMA table_info(epochs)")]
-    assert cols == ["run_id", "epoch", *EPOCH_FIELDS, "extra"]
+    assert cols == ["run_id", "epoch", *EPOCH_FIELDS, "extra", "mode"]
     with pytest.raises(sqlite3.IntegrityError):  # the unique key on the run identity
         db.execute(
             "INSERT INTO runs (study, model, dataset, activation, seed, config_key, config,"
@@ -112,3 +113,64 @@ def test_concurrent_writers(tmp_path):
         assert len(runs) == 2 + 4 * 4  # shared runs exist once
         for r in runs:
             assert [e["epoch"] for e in st.epochs(r["id"])] == list(range(1, 16))
+
+
+def test_live_owner_on_this_host_keeps_its_claim_past_the_lease(tmp_path):
+    # a long epoch (no heartbeat for longer than the lease) must not let a second
+    # process take over a run whose owner is alive on this host
+    path = tmp_path / "r.sqlite"
+    with Store(path) as st:
+        rid = st.ensure_run(**IDENT, config={})
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_claim, args=(path, rid, ready, release))
+    p.start()
+    try:
+        assert ready.wait(60)
+        time.sleep(0.05)
+        with Store(path) as st:
+            assert not st.claim(rid, lease_s=0.01)  # lease long expired, owner alive
+            assert not st.heartbeat(rid)  # not ours to refresh
+            release.set()
+            p.join(30)
+            assert st.claim(rid, lease_s=0.01)  # its owner died: taken over
+    finally:
+        release.set()
+        p.join(5)
+
+
+def test_heartbeat_and_lease_of_another_hosts_owner(tmp_path):
+    with Store(tmp_path / "r.sqlite") as st:
+        rid = st.ensure_run(**IDENT, config={})
+        assert not st.heartbeat(rid)  # unclaimed
+        assert st.claim(rid)
+        before = st.run(rid)["updated_at"]
+        time.sleep(0.01)
+        assert st.heartbeat(rid) and st.run(rid)["updated_at"] > before
+        # an owner elsewhere cannot be checked: its heartbeat (lease) decides
+        st._db.execute("UPDATE runs SET owner='elsewhere.invalid:1', updated_at=? WHERE id=?",
+                       (time.time(), rid))  # fmt: skip
+        assert not st.claim(rid, lease_s=60)
+        st._db.execute("UPDATE runs SET updated_at=? WHERE id=?", (time.time() - 120, rid))
+        assert st.claim(rid, lease_s=60)
+
+
+def test_reused_pid_is_not_a_live_owner(tmp_path):
+    # the claim's pid is alive, but that process started after the claim's last
+    # heartbeat: the owner died and its pid was reused, so the run is taken over
+    import socket
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        with Store(tmp_path / "r.sqlite") as st:
+            rid = st.ensure_run(**IDENT, config={})
+            owner = f"{socket.gethostname()}:{other.pid}"
+            st._db.execute("UPDATE runs SET status='running', owner=?, updated_at=? WHERE id=?",
+                           (owner, time.time(), rid))  # fmt: skip
+            assert not st.claim(rid)  # alive and heard of since it started
+            st._db.execute("UPDATE runs SET updated_at=? WHERE id=?", (time.time() - 100, rid))
+            assert st.claim(rid)
+    finally:
+        other.kill()
+        other.wait()

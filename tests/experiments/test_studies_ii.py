@@ -74,9 +74,15 @@ def test_layeract_study_quick_reports_corrupted_accuracy(fake_mnist: Path, tmp_p
     data = load_data(conf, torch.device("cpu"))
     assert data.raw_val.shape[0] == 64 and float(data.raw_val.min()) >= 0
     assert float(data.raw_val.max()) <= 1
-    metrics = build(conf, "la-hardsilu", 0, data, torch.device("cpu")).evaluate()
-    assert set(metrics) >= {"val_acc", "corrupt_acc", "corrupt_acc/contrast"}
+    trial = build(conf, "la-hardsilu", 0, data, torch.device("cpu"))
+    metrics = trial.evaluate()
+    assert set(metrics) >= {"val_acc", "corrupt_acc", "corrupt_acc/contrast", "corrupt_clean_acc"}
     assert 0 <= metrics["corrupt_acc"] <= 100
+    # the clean accuracy the drop is taken from: on the same 64 images that were corrupted
+    with torch.no_grad():
+        pred = trial.model(data.images.val_x[:64]).argmax(1)
+    same_images = 100.0 * int((pred == data.images.val_y[:64]).sum()) / 64
+    assert metrics["corrupt_clean_acc"] == pytest.approx(same_images)
 
 
 def _rt_file(path: Path, n: int = 200) -> Path:

@@ -123,3 +123,18 @@ def test_trans_de_en_dataset_split_is_fixed(tmp_path: Path) -> None:
         assert a.train.refs[i].split()[2] == de_num
     with pytest.raises(DataError, match="no training pairs left"):  # all have 6 tokens
         load_translation_dataset("trans-de-en", p, max_len=5)
+
+
+def test_iwslt_blank_validation_files_are_a_data_error(tmp_path: Path) -> None:
+    root = _iwslt(tmp_path / "iwslt")
+    (root / "valid.de").write_text("\n\n  \n")
+    (root / "valid.en").write_text("\n\n\n")
+    with pytest.raises(DataError, match=r"no validation sentence pairs in .*valid\.de"):
+        load_translation_dataset("iwslt", root)
+
+
+def test_iwslt_file_not_utf8_is_named(tmp_path: Path) -> None:
+    root = _iwslt(tmp_path / "iwslt")
+    (root / "train.de").write_bytes("Grüße\n".encode("latin-1") * 12)
+    with pytest.raises(DataError, match=r"train\.de is not UTF-8 text .*iconv"):
+        load_iwslt(root)

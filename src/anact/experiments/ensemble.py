@@ -19,9 +19,14 @@ parameters and buffers along a leading member dimension and runs one
   definitions of :class:`anact.analysis.ConvergenceMonitor`, gathered by forward hooks
   inside the vmapped function and returned from it, so they come out per member.
 
-"Numerically the same": the batched kernels (a grouped convolution, a batched matmul)
-sum in another order than the per-run ones, so results agree to float32 rounding
-(relative ~1e-6 per step), not bit for bit; see docs/ensemble.md.
+"The same math", not the same numbers: the batched kernels (a grouped convolution, a
+batched matmul) sum in another order than the per-run ones, so each step agrees with
+the run trained alone to float32 rounding (relative ~1e-6), not bit for bit, and
+these differences grow over training (SGD amplifies them: after a full epoch the
+validation accuracy of a member and of its sequential run can differ by a point or
+more); see docs/ensemble.md for the measured agreement. The store records each
+epoch's ``mode`` ("ensemble" here, "sequential" from the runner) and the report
+says which runs were trained how.
 
 :func:`train_ensemble` is the store-backed driver that ``anact reproduce --ensemble``
 runs: same run identity, epoch rows and per-run checkpoints as
@@ -230,8 +235,13 @@ class Ensemble:
             records = self.probe.stop(like=x)
         return loss, records
 
-    def train_epoch(self, orders: Sequence[torch.Generator]) -> EpochResult:
-        """One epoch for every member; member k draws its batches from ``orders[k]``."""
+    def train_epoch(
+        self,
+        orders: Sequence[torch.Generator],
+        after_step: Callable[[], None] | None = None,
+    ) -> EpochResult:
+        """One epoch for every member; member k draws its batches from ``orders[k]``.
+        ``after_step`` is called after every optimizer step (e.g. a heartbeat)."""
         if len(orders) != self.size:
             raise ValueError(f"need one generator per member ({self.size}), got {len(orders)}")
         self.template.train()
@@ -256,6 +266,8 @@ class Ensemble:
             sums.append(records.detach())
             counts.append(self.probe.counts)
             weight_means.append(self._weight_means())  # after the step, as the monitor
+            if after_step is not None:
+                after_step()
         n = x.shape[0]
         wsum = torch.stack(weight_means).double().abs().sum(-1).mean(0)  # mean Σ_i|E[W_i]|
         if self.probe.layers:
@@ -478,9 +490,10 @@ def _train_group(
     from anact.experiments import runner
 
     ensemble = Ensemble([m.trial for m in members], spec, config, data)
+    heartbeat = runner._Heartbeat(store, [m.run_id for m in members])
     for epoch in range(start + 1, int(config["epochs"]) + 1):
         t0 = time.perf_counter()
-        result = ensemble.train_epoch([m.order for m in members])
+        result = ensemble.train_epoch([m.order for m in members], heartbeat)
         metrics = ensemble.evaluate()
         seconds = (time.perf_counter() - t0) / ensemble.size
         if any(result.skipped_batches):
@@ -495,7 +508,7 @@ def _train_group(
             runner._record_epoch(
                 store, m.run_id, epoch, loss=result.loss[k], metrics=metrics[k],
                 score=result.score[k], weight_mean_abs_sum=result.weight_mean_abs_sum[k],
-                seconds=seconds,
+                seconds=seconds, mode="ensemble",
             )  # fmt: skip
         for k, m in enumerate(members):
             ensemble.write_back(k)

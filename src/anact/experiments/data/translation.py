@@ -125,14 +125,25 @@ def load_trans_de_en(
     return pairs
 
 
+def _read_lines(path: str | os.PathLike[str]) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from e
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+
+
 def read_parallel(
     src_path: str | os.PathLike[str], tgt_path: str | os.PathLike[str]
 ) -> list[tuple[str, str]]:
     """Line-aligned sentence pairs of two plain text files (UTF-8, one sentence a line);
     pairs with an empty side are dropped. Raises :class:`DataError` when the line
-    counts differ."""
-    src = Path(src_path).read_text(encoding="utf-8").splitlines()
-    tgt = Path(tgt_path).read_text(encoding="utf-8").splitlines()
+    counts differ or a file is not UTF-8."""
+    src, tgt = _read_lines(src_path), _read_lines(tgt_path)
     if len(src) != len(tgt):
         raise DataError(
             f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
@@ -143,6 +154,7 @@ def read_parallel(
 
 
 _IWSLT_NAMES = {"train": ("train",), "valid": ("valid", "dev"), "test": ("test", "tst")}
+_SPLIT_WORDS = {"train": "training", "valid": "validation", "test": "test"}
 
 
 def load_iwslt(
@@ -157,6 +169,11 @@ def load_iwslt(
             s, t = data_dir / f"{n}.{src}", data_dir / f"{n}.{tgt}"
             if s.is_file() and t.is_file():
                 out[split] = read_parallel(s, t)
+                if not out[split]:
+                    raise DataError(
+                        f"IWSLT: no {_SPLIT_WORDS[split]} sentence pairs in {s} and {t} "
+                        "(every line pair has an empty side); expected one sentence per line"
+                    )
                 break
         else:
             raise DataError(
@@ -243,6 +260,9 @@ def prepare_translation(
         tgt = pad_sequences([[BOS, *tgt_vocab.encode(t), EOS] for _, t in pairs])
         return TranslationSplit(src, tgt, [" ".join(t) for _, t in pairs])
 
+    for k in ("valid", "test"):
+        if not tok[k]:
+            raise DataError(f"{name}: no {_SPLIT_WORDS[k]} sentence pairs")
     parts = {k: encode(tok[k]) for k in ("train", "valid", "test")}
     return TranslationData(
         name, parts["train"], parts["valid"], parts["test"], src_vocab, tgt_vocab

@@ -148,6 +148,8 @@ class Study:
         validation: what the validation numbers are measured on, for the report.
         ensemble: an :class:`EnsembleSpec` if the study's runs can train as one
             batched ensemble (``--ensemble``), else None.
+        datasets: the values of the ``dataset`` setting that ``load_data`` reads
+            (the command line checks ``--dataset`` against them); empty: unchecked.
     """
 
     name: str
@@ -167,6 +169,7 @@ class Study:
     #: what the validation numbers are measured on, for the report's notes
     validation: str = "the official test split"
     ensemble: EnsembleSpec | None = None
+    datasets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:

@@ -8,10 +8,11 @@ ResNet-32 on CIFAR-10 with BN, ReLU / SiLU / HardSiLU against LA-SiLU / LA-HardS
 clean test set). Their early numbers (CIFAR-10, ResNet-32, mean top-1): ReLU 91.79,
 SiLU 91.96, LA-SiLU 92.30, LA-HardSiLU 91.84.
 
-Metrics per epoch: ``val_acc`` is the clean top-1; the evaluation also returns
-``corrupt_acc`` (mean top-1 over every corruption × severity on the first
-``corrupt_subset`` test images) and ``corrupt_acc/<name>`` (mean over severities),
-which the store keeps only once it has columns for them.
+Metrics per epoch: ``val_acc`` is the clean top-1 on the full test set; the
+evaluation also returns ``corrupt_acc`` (mean top-1 over every corruption × severity
+on the first ``corrupt_subset`` test images), ``corrupt_acc/<name>`` (mean over
+severities) and ``corrupt_clean_acc``, the clean top-1 on those same images: the
+report's "drop" is ``corrupt_clean_acc − corrupt_acc``, measured on one set of images.
 
 Defaults: Fashion-MNIST padded to 3×32×32, ResNet-8 on 5,000 images, 3 epochs,
 6 corruptions × 5 severities on 500 test images. ``--paper``: CIFAR-10
@@ -132,6 +133,14 @@ def build(
     severities = list(config["severities"])
     labels = d.val_y[: data.raw_val.shape[0]]
 
+    def accuracy(m: nn.Module, xs: Tensor) -> float:
+        """Top-1 (%) of ``m`` on standardised images xs, the first of the test set."""
+        correct = sum(
+            int((m(xs[i : i + EVAL_BATCH]).argmax(1) == labels[i : i + EVAL_BATCH]).sum())
+            for i in range(0, xs.shape[0], EVAL_BATCH)
+        )
+        return 100.0 * correct / xs.shape[0]
+
     @torch.no_grad()
     def corrupted_accuracy(m: nn.Module) -> dict[str, float]:
         m.eval()
@@ -139,14 +148,10 @@ def build(
         for name, _sev, x in corrupted_sets(
             data.raw_val, names, severities, seed=config["corruption_seed"]
         ):
-            xs = standardize(x, data.mean, data.std)
-            correct = sum(
-                int((m(xs[i : i + EVAL_BATCH]).argmax(1) == labels[i : i + EVAL_BATCH]).sum())
-                for i in range(0, xs.shape[0], EVAL_BATCH)
-            )
-            per[name].append(100.0 * correct / xs.shape[0])
+            per[name].append(accuracy(m, standardize(x, data.mean, data.std)))
         out = {f"corrupt_acc/{n}": sum(v) / len(v) for n, v in per.items()}
         out["corrupt_acc"] = sum(out.values()) / len(out)
+        out["corrupt_clean_acc"] = accuracy(m, standardize(data.raw_val, data.mean, data.std))
         return out
 
     return image_trial(model, opt, d, config, sched, evaluate_extra=corrupted_accuracy)
@@ -195,6 +200,7 @@ STUDY = register(
         activations=("relu", "swish", "hardswish", "la-silu", "la-hardsilu", "nswish"),
         load_data=load_data,
         build=build,
+        datasets=("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"),
         paper={
             "relu": {"top1": 91.79},
             "swish": {"top1": 91.96},

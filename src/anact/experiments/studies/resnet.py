@@ -8,10 +8,11 @@ addition, and a normalized stem (23,690,053 parameters instead of 23,705,252 wit
 100 classes). The paper follows "the same set up" as VGG (AdamW, same learning rate)
 for a fixed number of epochs, which it does not state; the preset uses 200.
 
-Defaults: Fashion-MNIST padded to 3×32×32, a thin ResNet ([1, 1, 1, 1] blocks,
-base width 8) on 5,000 images for 3 epochs. ``--paper``: ResNet50 ([3, 4, 6, 3],
-width 64) on CIFAR-100 (resp. Tiny ImageNet at 64×64, with the CIFAR stem as well),
-``data_dir`` needed, crop + flip augmentation, 3 runs.
+Defaults (both studies, so resnet-tiny's quick run is resnet's under another name):
+Fashion-MNIST padded to 3×32×32, a thin ResNet ([1, 1, 1, 1] blocks, base width 8) on
+5,000 images for 3 epochs; Tiny ImageNet needs ``--dataset tiny-imagenet --data-dir``.
+``--paper``: ResNet50 ([3, 4, 6, 3], width 64) on CIFAR-100 (resp. Tiny ImageNet at
+64×64, with the CIFAR stem as well), ``data_dir`` needed, crop + flip augmentation, 3 runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from anact.experiments.models import init_weights
 from anact.experiments.models.resnet import ResNet
 from anact.experiments.studies import Study, Trial, register
 from anact.experiments.studies.vgg import (
+    IMAGE_DATASETS,
     IMAGE_DEFAULTS,
     IMAGE_PAPER,
     image_trial,
@@ -78,6 +80,7 @@ STUDY = register(
         activations=_ACTS,
         load_data=load_images,
         build=build,
+        datasets=IMAGE_DATASETS,
         paper=paper.TABLE4,
         paper_caption="Paper: ResNet50 on CIFAR-100, the 3 runs (Table 4 of arXiv:2208.13315).",
     )
@@ -93,6 +96,7 @@ STUDY_TINY = register(
         activations=_ACTS,
         load_data=load_images,
         build=build,
+        datasets=IMAGE_DATASETS,
         paper=paper.TABLE5,
         paper_caption=(
             "Paper: ResNet50 on Tiny ImageNet, median of 3 runs (Table 5 of arXiv:2208.13315)."

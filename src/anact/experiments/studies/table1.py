@@ -121,6 +121,7 @@ STUDY = register(
                      "nswish"),  # fmt: skip
         load_data=load_data,
         build=build,
+        datasets=("fashion-mnist", "mnist"),
         paper=paper.TABLE1,
         paper_caption=(
             "Paper: MNIST, 25 runs × 50 epochs, 'under' = runs below 98 % until epoch "

@@ -127,6 +127,7 @@ STUDY = register(
         activations=("relu", "nrelu", "swish", "nswish"),
         load_data=load_data,
         build=build,
+        datasets=("rotten-tomatoes", "imdb"),
         paper=paper.IMDB,
         paper_caption=(
             "Paper: TextRCNN on IMDb, median validation accuracy of 3 runs, padding "

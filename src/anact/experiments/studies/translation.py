@@ -162,6 +162,7 @@ STUDY = register(
         activations=("relu", "nrelu", "swish", "nswish"),
         load_data=load_data,
         build=build,
+        datasets=("trans-de-en", "iwslt"),
         paper_caption=(
             "The v3 paper (2024) adds IWSLT translation experiments; their numbers are "
             "not in our copy of the paper, so no paper column."

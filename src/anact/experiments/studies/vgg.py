@@ -247,6 +247,7 @@ STUDY = register(
         activations=("tanh", "lrelu", "elu", "relu", "nrelu", "swish", "nswish"),
         load_data=load_images,
         build=build,
+        datasets=IMAGE_DATASETS,
         paper=paper.TABLE2,
         paper_caption=(
             "Paper: VGG19 with BN on CIFAR-100, 200 epochs, AdamW, median of 3 runs "
@@ -270,6 +271,7 @@ STUDY_NOBN = register(
         activations=("selu", "relu-gpn", "nrelu", "lrelu-gpn", "nlrelu", "nswish"),
         load_data=load_images,
         build=build,
+        datasets=IMAGE_DATASETS,
         paper=paper.TABLE3,
         paper_caption=(
             "Paper: VGG19 without BN on CIFAR-100, 200 epochs; SELU and GPN with SGD "
