@@ -1,3 +1,4 @@
+import contextlib
 import multiprocessing as mp
 import sqlite3
 import time
@@ -66,8 +67,9 @@ def _hold_claim(path, rid, ready, release):
     release.wait(30)
 
 
-def test_claim_by_live_and_dead_process(tmp_path):
-    path = tmp_path / "r.sqlite"
+@contextlib.contextmanager
+def _claimed_by_another_process(path):
+    """A run claimed by a child process: yields (run id, process, event that ends it)."""
     with Store(path) as st:
         rid = st.ensure_run(**IDENT, config={})
     ctx = mp.get_context("fork")
@@ -76,15 +78,20 @@ def test_claim_by_live_and_dead_process(tmp_path):
     p.start()
     try:
         assert ready.wait(60)
-        with Store(path) as st:
-            assert st.run(rid)["owner"].endswith(f":{p.pid}")
-            assert not st.claim(rid)  # held by a live process
-            release.set()
-            p.join(30)
-            assert st.claim(rid)  # its owner died: taken over
+        yield rid, p, release
     finally:
         release.set()
         p.join(5)
+
+
+def test_claim_by_live_and_dead_process(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with _claimed_by_another_process(path) as (rid, p, release), Store(path) as st:
+        assert st.run(rid)["owner"].endswith(f":{p.pid}")
+        assert not st.claim(rid)  # held by a live process
+        release.set()
+        p.join(30)
+        assert st.claim(rid)  # its owner died: taken over
 
 
 def _writer(path, worker, n_runs, n_epochs):
@@ -119,14 +126,7 @@ def test_live_owner_on_this_host_keeps_its_claim_past_the_lease(tmp_path):
     # a long epoch (no heartbeat for longer than the lease) must not let a second
     # process take over a run whose owner is alive on this host
     path = tmp_path / "r.sqlite"
-    with Store(path) as st:
-        rid = st.ensure_run(**IDENT, config={})
-    ctx = mp.get_context("fork")
-    ready, release = ctx.Event(), ctx.Event()
-    p = ctx.Process(target=_hold_claim, args=(path, rid, ready, release))
-    p.start()
-    try:
-        assert ready.wait(60)
+    with _claimed_by_another_process(path) as (rid, p, release):
         time.sleep(0.05)
         with Store(path) as st:
             assert not st.claim(rid, lease_s=0.01)  # lease long expired, owner alive
@@ -134,9 +134,6 @@ def test_live_owner_on_this_host_keeps_its_claim_past_the_lease(tmp_path):
             release.set()
             p.join(30)
             assert st.claim(rid, lease_s=0.01)  # its owner died: taken over
-    finally:
-        release.set()
-        p.join(5)
 
 
 def test_heartbeat_and_lease_of_another_hosts_owner(tmp_path):
