@@ -330,7 +330,7 @@ def update_running_stats(
         running_rho.copy_(blend(running_rho, rho, True))
         running_rho_prime.copy_(blend(running_rho_prime, rho_prime, True))
         running_mean.copy_(blend(running_mean, mu, False))
-        per_statistic = num_batches_tracked.dim() > 0 and num_batches_tracked.shape == valid.shape
+        per_statistic = num_batches_tracked.shape == valid.shape  # () per tensor: the same
         num_batches_tracked.add_((valid if per_statistic else valid.any())
                                  .to(num_batches_tracked.dtype))  # fmt: skip
 
