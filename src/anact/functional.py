@@ -19,7 +19,7 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -216,14 +216,19 @@ def _c_batch_moments(xf: Tensor, act: Activation) -> BatchMoments | None:
         return None
     n = xf.numel()
     # δ' = p where δ(x) > 0, q elsewhere: Σδ'² = p²·#{δ > 0} + q²·(the rest)
-    sx, sxx, sy, syy, sg, kx, ky = c_sums(
-        xf.data_ptr(), y.data_ptr(), n, _native.DSQ_SIGN_Y, *sign, True
-    )
-    dsq = sg / n if sy == sy else math.nan
-    mx, my = sx / n, sy / n
-    values = [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0),
-              dsq]  # fmt: skip
+    sums = c_sums(xf.data_ptr(), y.data_ptr(), n, _native.DSQ_SIGN_Y, *sign, True)
+    values = _moments_of_sums(sums, n)
     return BatchMoments(*torch.tensor(values, dtype=xf.dtype, device=xf.device).unbind())
+
+
+def _moments_of_sums(sums: Sequence[float], count: int) -> list[float]:
+    """(count, mean_x, var_x, mean_y, var_y, mean_dsq) from the C passes' shifted sums
+    (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'², kx, ky), in double."""
+    sx, sxx, sy, syy, sg, kx, ky = sums
+    n = float(count)
+    mx, my = sx / n, sy / n
+    dsq = sg / n if sy == sy else math.nan  # a NaN in x is a NaN in every moment
+    return [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0), dsq]
 
 
 def merge_moments(stacked: BatchMoments) -> BatchMoments:

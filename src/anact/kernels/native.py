@@ -175,20 +175,11 @@ def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | 
     return plan_call(x, act, channel_dim, mask) is not None
 
 
-def _moment_values(sums: Tensor, count: int) -> list[float]:
-    """(count, mean_x, var_x, mean_y, var_y, mean_dsq) from one C row (per tensor)."""
-    n = float(count)
-    sx, sxx, sy, syy, sg, kx, ky = sums.tolist()[0]
-    mx, my = sx / n, sy / n
-    dsq = sg / n if sy == sy else math.nan  # a NaN in x is a NaN in every moment
-    return [n, kx + mx, max(sxx / n - mx * mx, 0.0), ky + my, max(syy / n - my * my, 0.0), dsq]
-
-
 def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) -> AF.BatchMoments:
     """BatchMoments from the C rows (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'², kx, ky)."""
     n = float(count)
     if not per_channel:
-        values = _moment_values(sums, count)
+        values = AF._moments_of_sums(sums.tolist()[0], count)
         return AF.BatchMoments(*torch.tensor(values, dtype=dtype, device="cpu").unbind())
     sx, sxx, sy, syy, sg, kx, ky = sums.t().unbind()
     mx, my = sx / n, sy / n
