@@ -173,6 +173,12 @@ def _transforms_active() -> bool:
     return bool(check()) if check is not None else False
 
 
+def _forward_ad_active() -> bool:
+    """Whether forward-mode AD may be running (a ``forward_ad.dual_level`` is open, as
+    ``torch.func.jvp``/``jacfwd`` open one): tangents need the ops' ``jvp`` rules."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def _inplace_ok(x: Tensor) -> bool:
     """Intermediates may be overwritten: no graph through the derivative is being built,
     and no vmap (whose in-place ops fall back to one call per batch entry)."""

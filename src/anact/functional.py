@@ -27,7 +27,7 @@ from torch import Tensor
 
 from anact import _native
 from anact import kernels as _kernels
-from anact.activations import Activation, resolve_activation
+from anact.activations import Activation, _forward_ad_active, resolve_activation
 
 __all__ = [
     "BatchMoments",
@@ -644,6 +644,35 @@ class _NormalizedActivationFn(torch.autograd.Function):
         return grad_x, grad_scale, None, None, None, None
 
 
+class _NormalizedActivationJvpFn(_NormalizedActivationFn):
+    """The op with its forward-mode rule, used only while forward AD is on
+    (:func:`apply_function` picks it): torch.compile cannot trace a Function that
+    defines ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _NormalizedActivationFn.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])  # x, scale, shift
+
+    @staticmethod
+    def jvp(ctx, x_dot, scale_dot, shift_dot, *_):
+        """d out = s·δ'(x)·ẋ + ṡ·(δ(x) − shift), the statistics held fixed as in backward
+        (shift carries no tangent, as it carries no gradient)."""
+        x, scale, shift = ctx.saved_tensors
+        act, cd = ctx.activation, ctx.channel_dim
+        out_dot = torch.zeros_like(x)
+        if x_dot is not None:
+            s = _broadcast_shape(x, cd, scale).to(x.dtype)
+            out_dot = out_dot + act.derivative(x) * x_dot * s
+        if scale_dot is not None:
+            y = act.fn(x) - _broadcast_shape(x, cd, shift).to(x.dtype)
+            out_dot = out_dot + _broadcast_shape(x, cd, scale_dot).to(x.dtype) * y
+        return out_dot
+
+
+_NormalizedActivationFn.jvp_variant = _NormalizedActivationJvpFn
+
+
 def apply_normalization(
     x: Tensor,
     activation: str | Activation,
@@ -712,7 +741,10 @@ def apply_function(fn: type[torch.autograd.Function], *args: Any) -> Any:
     ``Function.apply`` does for Functions with ``setup_context`` (~20 µs a call on CPU,
     a sizeable share of a small layer's forward). Every argument of ``fn.forward`` must
     be passed, positionally, so that binding would change nothing. Under functorch
-    transforms (vmap, grad) and torch.compile tracing, the full ``fn.apply``."""
+    transforms (vmap, grad) and torch.compile tracing, the full ``fn.apply``. Under
+    forward AD, ``fn.jvp_variant`` where the Function has one (its forward-mode rule)."""
+    if _forward_ad_active():
+        fn = getattr(fn, "jvp_variant", fn)
     if _is_compiling() or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     # what Function.apply does outside transforms, after binding

@@ -517,6 +517,29 @@ class _LayerActFn(torch.autograd.Function):
         return grad * g + (u - mean_u - n * mean_un) / sigma, None, None
 
 
+class _LayerActJvpFn(_LayerActFn):
+    """:class:`_LayerActFn` with its forward-mode rule, used only under forward AD
+    (torch.compile cannot trace a Function that defines ``jvp``)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LayerActFn.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, x_dot, *_):
+        """ẏ = ẋ·g(n) + x·g'(n)·ṅ, ṅ = (ẋ − mean ẋ − n·mean(n·ẋ))/σ (LayerNorm's jvp)."""
+        (x,) = ctx.saved_tensors
+        n, sigma, dims = _LayerActFn._normalize(x, ctx.eps)
+        g, dg = _GATES[ctx.gate](n)
+        n_dot = (x_dot - x_dot.mean(dim=dims, keepdim=True)
+                 - n * (n * x_dot).mean(dim=dims, keepdim=True)) / sigma  # fmt: skip
+        return x_dot * g + x * dg * n_dot
+
+
+_LayerActFn.jvp_variant = _LayerActJvpFn
+
+
 class _LayerAct(nn.Module):
     _gate = "sigmoid"
 

@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of a model with NormalizedActivation, in training."""
+"""torch.compile(fullgraph=True) of a model with NormalizedActivation and LayerAct, in training."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_compile_fullgraph_training_matches_eager():
     model = nn.Sequential(
         nn.Linear(6, 8), anact.NormalizedActivation("swish"),
         nn.Linear(8, 8), anact.NormalizedActivation("gelu", 8, channel_dim=1),
-        nn.Linear(8, 3),
+        nn.Linear(8, 8), anact.LASiLU(), nn.Linear(8, 3),
     )
     eager = copy.deepcopy(model)
     torch._dynamo.reset()

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anact.activations import Activation, _transforms_active
+from anact.activations import Activation, _forward_ad_active, _transforms_active
 
 __all__ = [
     "BACKENDS",
@@ -327,6 +327,8 @@ def dispatch(
     statistics (it warns, as the reference does); ``save_output``: whether backward
     keeps the output instead of x, or a function of the scale that says so.
     """
+    if _forward_ad_active():  # tangents: the eager op's jvp rule
+        return None
     cd = None if channel_dim is None else channel_dim % x.dim()
     if _backend in ("native", "auto"):
         from anact.kernels import native
