@@ -1,4 +1,5 @@
-/* anact._nactcpu: the normalized activation's three passes over memory on CPU, float32.
+/* anact._nactcpu: the normalized activation's three passes over memory on CPU, float32 or
+ * bfloat16 (the latter: see "bfloat16 storage" below).
  *
  * out = s·(δ(x) − b) (eq. 15) with batch statistics needs, per training step:
  *   stats    one read of x: writes y = δ(x) into the output buffer and sums, per channel,
@@ -72,6 +73,30 @@ static inline float bits_to_float(int32_t i) {
     float f;
     memcpy(&f, &i, sizeof f);
     return f;
+}
+
+/* bfloat16 storage: the top half of a float32. Loads are exact; stores round to nearest
+ * even with NaN as 0x7FC0, as torch's float → bfloat16 conversion. */
+typedef uint16_t bfloat16;
+
+static inline float load_h(bfloat16 h) { return bits_to_float((int32_t)((uint32_t)h << 16)); }
+
+/* f rounded to bfloat16, held in a float (one bfloat16 operation of torch: the float
+ * result, then rounded), on 32-bit lanes so that loops of it stay vectorized. A NaN stays
+ * a NaN without a test: NaNs here are loaded from bfloat16 (mantissa bits in the upper
+ * half) or made by arithmetic (quiet bit set); store_h gives them torch's pattern. */
+static inline float round_h(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return bits_to_float((int32_t)((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u));
+}
+
+static inline bfloat16 store_h(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    /* selected on 32-bit lanes, narrowed last: a 16-bit select keeps gcc from vectorizing */
+    const uint32_t r = f != f ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+    return (bfloat16)(r >> 16);
 }
 
 /* σ(x) = 1/(1 + e^−x), branch-free so that loops of it vectorize, from t = e^−|x| ∈ [0, 1]
@@ -394,10 +419,12 @@ enum { PASS_STATS, PASS_AFFINE, PASS_BACKWARD };
 typedef struct {
     Py_ssize_t outer, C, inner;
     int kind, rows, ntasks;
-    float p0, p1;
-    const float *src; /* stats: x; affine: δ(x) or x; backward: x or the output */
-    float *dst;       /* stats: y; affine: out; backward: ∂L/∂x */
-    const float *g;   /* backward: ∂L/∂out */
+    float p0, p1;     /* backward: δ' above and below 0 (sign kinds); else δ's slope p1 */
+    float slope;      /* backward, bfloat16: δ's slope below 0 (p1 is δ' there, rounded) */
+    int bf16;         /* src, dst, g hold bfloat16 (else float32) */
+    const void *src;  /* stats: x; affine: δ(x) or x; backward: x or the output */
+    void *dst;        /* stats: y; affine: out; backward: ∂L/∂x */
+    const void *g;    /* backward: ∂L/∂out */
     const float *s;   /* affine, backward: scale per channel */
     const float *b;   /* affine: shift; backward: b (from x) or t (from the output) */
     const float *kx, *ky;
@@ -410,6 +437,286 @@ typedef struct {
 typedef struct {
     Py_ssize_t c0, c1, o0, o1, i0, i1;
 } box;
+
+/* =====================================================================================
+ * bfloat16 storage: the same passes on bfloat16 x, y, out, g and ∂L/∂x. Values are
+ * widened to float32 (exactly), the statistics summed from them as the eager code sums
+ * x.to(float32); every stored element, and every intermediate of it the eager bfloat16
+ * code rounds, is rounded as torch rounds it (round_h), so that outputs and ∂L/∂x follow
+ * the eager op's bfloat16 arithmetic: y = δ(x) rounded, then (y − b), then ·s; g·δ',
+ * then ·s. The α-gradient's terms are summed unrounded (the eager code rounds each
+ * product before its float32 sum). s, b, t (and p0, p1) arrive as bfloat16 values held
+ * in floats.
+ * ===================================================================================== */
+
+MULTIVERSION
+static void stats_block_h(const bfloat16 *restrict x, bfloat16 *restrict y, Py_ssize_t n, int kind,
+                          float p1, float kx, float ky, double acc[5]) {
+    float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
+    if (kind == KIND_SWISH) {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(x[i]);
+            const float s = sigmoid_f32(xv);
+            const float yv = xv * s;
+            const float d = swish_derivative(xv, s);
+            y[i] = store_h(yv);
+            ADD_SUMS(xv, yv, d * d)
+        }
+    } else {
+#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(x[i]);
+            const float yv = sign_fn(xv, p1);
+            y[i] = store_h(yv);
+            ADD_SUMS(xv, yv, xv > 0.0f ? 1.0f : 0.0f)
+        }
+    }
+    acc[0] += sx;
+    acc[1] += sxx;
+    acc[2] += sy;
+    acc[3] += syy;
+    acc[4] += sg;
+}
+
+MULTIVERSION
+static void stats_span_h(const bfloat16 *restrict x, bfloat16 *restrict y, Py_ssize_t n, int kind,
+                         float p1, const float *restrict kx, const float *restrict ky,
+                         float *restrict a0, float *restrict a1, float *restrict a2,
+                         float *restrict a3, float *restrict a4) {
+    if (kind == KIND_SWISH) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(x[i]);
+            const float s = sigmoid_f32(xv);
+            const float yv = xv * s;
+            const float d = swish_derivative(xv, s);
+            y[i] = store_h(yv);
+            ADD_POSITION_SUMS(i, xv, yv, d * d)
+        }
+    } else {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(x[i]);
+            const float yv = sign_fn(xv, p1);
+            y[i] = store_h(yv);
+            ADD_POSITION_SUMS(i, xv, yv, xv > 0.0f ? 1.0f : 0.0f)
+        }
+    }
+}
+
+/* out = (y − b)·s with y = δ(src) rounded (apply) or src, each step rounded; ties as in
+ * affine_block, compared on the rounded output */
+MULTIVERSION
+static void affine_block_h(const bfloat16 *src, bfloat16 *out, Py_ssize_t n, int kind, float p1,
+                           int apply, float s, float b, int nudge, float t, float away) {
+    if (apply && kind == KIND_SWISH) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(src[i]);
+            out[i] = store_h(round_h(round_h(xv * sigmoid_f32(xv)) - b) * s);
+        }
+        return;
+    }
+    /* the tie test as a select of floats: a boolean chain keeps gcc from vectorizing */
+    const float t_or_nan = nudge ? t : NAN;
+#pragma omp simd
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float v = load_h(src[i]);
+        const float yv = apply ? round_h(sign_fn(v, p1)) : v;
+        const float o = round_h(round_h(yv - b) * s);
+        const float tie = yv > 0.0f ? t_or_nan : NAN;
+        out[i] = store_h(o == tie ? away : o);
+    }
+}
+
+MULTIVERSION
+static void affine_span_h(const bfloat16 *src, bfloat16 *out, Py_ssize_t n, int kind, float p1,
+                          int apply, const float *restrict s, const float *restrict b,
+                          int nudge, const float *restrict t, const float *restrict away) {
+    if (apply && kind == KIND_SWISH) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(src[i]);
+            out[i] = store_h(round_h(round_h(xv * sigmoid_f32(xv)) - b[i]) * s[i]);
+        }
+        return;
+    }
+#pragma omp simd
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float v = load_h(src[i]);
+        const float yv = apply ? round_h(sign_fn(v, p1)) : v;
+        const float o = round_h(round_h(yv - b[i]) * s[i]);
+        const float tie = nudge && yv > 0.0f ? t[i] : NAN; /* as in affine_block_h */
+        out[i] = store_h(o == tie ? away[i] : o);
+    }
+}
+
+/* Swish's δ' as the eager bfloat16 code forms it: σ rounded, then (1 − σ), ·x, +1, ·σ */
+static inline float swish_derivative_h(float x, float sig_h) {
+    return round_h(round_h(round_h(round_h(1.0f - sig_h) * x) + 1.0f) * sig_h);
+}
+
+/* gx = (g·δ')·s rounded twice; the α-term g·(δ(x) − b) (or g·out) in float */
+MULTIVERSION
+static void backward_block_h(const bfloat16 *restrict src, const bfloat16 *restrict g,
+                             bfloat16 *restrict gx, Py_ssize_t n, int kind, float p0, float p1,
+                             float slope, int from_output, float s, float bt, double *gsum) {
+    float acc = 0.0f;
+    if (from_output) {
+        const float ss = (float)((s > 0.0f) - (s < 0.0f));
+#pragma omp simd reduction(+ : acc)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float v = load_h(src[i]), gv = load_h(g[i]);
+            const float dv = v - bt;
+            const float sg = (float)((dv > 0.0f) - (dv < 0.0f)) * ss;
+            const float d = sg > 0.0f ? p0 : p1;
+            gx[i] = store_h(round_h(gv * d) * s);
+            acc += gv * v;
+        }
+    } else if (kind == KIND_SWISH) {
+#pragma omp simd reduction(+ : acc)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(src[i]), gv = load_h(g[i]);
+            const float sig = sigmoid_f32(xv);
+            const float d = swish_derivative_h(xv, round_h(sig));
+            gx[i] = store_h(round_h(gv * d) * s);
+            acc += (xv * sig - bt) * gv;
+        }
+    } else {
+#pragma omp simd reduction(+ : acc)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(src[i]), gv = load_h(g[i]);
+            const float d = xv > 0.0f ? p0 : p1;
+            gx[i] = store_h(round_h(gv * d) * s);
+            acc += (sign_fn(xv, slope) - bt) * gv;
+        }
+    }
+    if (gsum)
+        *gsum += acc;
+}
+
+MULTIVERSION
+static void backward_span_h(const bfloat16 *restrict src, const bfloat16 *restrict g,
+                            bfloat16 *restrict gx, Py_ssize_t n, int kind, float p0, float p1,
+                            float slope, int from_output, const float *restrict s,
+                            const float *restrict bt, float *restrict acc) {
+    if (from_output) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float v = load_h(src[i]), gv = load_h(g[i]), si = s[i];
+            const float ss = (float)((si > 0.0f) - (si < 0.0f));
+            const float dv = v - bt[i];
+            const float sg = (float)((dv > 0.0f) - (dv < 0.0f)) * ss;
+            const float d = sg > 0.0f ? p0 : p1;
+            gx[i] = store_h(round_h(gv * d) * si);
+            acc[i] += gv * v;
+        }
+    } else if (kind == KIND_SWISH) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(src[i]), gv = load_h(g[i]);
+            const float sig = sigmoid_f32(xv);
+            const float d = swish_derivative_h(xv, round_h(sig));
+            gx[i] = store_h(round_h(gv * d) * s[i]);
+            acc[i] += (xv * sig - bt[i]) * gv;
+        }
+    } else {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float xv = load_h(src[i]), gv = load_h(g[i]);
+            const float d = xv > 0.0f ? p0 : p1;
+            gx[i] = store_h(round_h(gv * d) * s[i]);
+            acc[i] += (sign_fn(xv, slope) - bt[i]) * gv;
+        }
+    }
+}
+
+/* a bfloat16 t's neighbour away from it in the direction of sign(s) (t itself for s = 0,
+ * ±inf and NaN): nextafter in bfloat16 */
+static float tie_away_h(float s, float t) {
+    const int up = s > 0.0f;
+    if (s == 0.0f || t != t || (isinf(t) && (t > 0.0f) == up))
+        return t;
+    if (t == 0.0f)
+        return load_h(up ? 0x0001u : 0x8001u);
+    const bfloat16 h = store_h(t);
+    return load_h((bfloat16)(((t > 0.0f) == up) ? h + 1 : h - 1));
+}
+
+/* the tie target t = (0 − b)·s of an output of the storage type and its neighbour away */
+static void ties(int bf16, float s, float b, float *t, float *away) {
+    *t = bf16 ? round_h(tie_target(s, b)) : tie_target(s, b);
+    *away = bf16 ? tie_away_h(s, *t) : tie_away(s, *t);
+}
+
+/* ---- the passes on either storage type, at element offset `at` of the job's tensors ---- */
+
+/* pointers into the job's tensors at element offset `at`, by storage type */
+#define SRC_F(j, at) ((const float *)(j)->src + (at))
+#define SRC_H(j, at) ((const bfloat16 *)(j)->src + (at))
+#define DST_F(j, at) ((float *)(j)->dst + (at))
+#define DST_H(j, at) ((bfloat16 *)(j)->dst + (at))
+#define G_F(j, at) ((const float *)(j)->g + (at))
+#define G_H(j, at) ((const bfloat16 *)(j)->g + (at))
+
+static void stats_block_at(const pass_job *j, Py_ssize_t at, Py_ssize_t n, float kx, float ky,
+                           double acc[5]) {
+    if (j->bf16)
+        stats_block_h(SRC_H(j, at), DST_H(j, at), n, j->kind, j->p1, kx, ky, acc);
+    else
+        stats_block(SRC_F(j, at), DST_F(j, at), n, j->kind, j->p1, kx, ky, acc);
+}
+
+static void stats_span_at(const pass_job *j, Py_ssize_t at, Py_ssize_t n,
+                          const float *kx, const float *ky, float *a0, float *a1, float *a2,
+                          float *a3, float *a4) {
+    if (j->bf16)
+        stats_span_h(SRC_H(j, at), DST_H(j, at), n, j->kind, j->p1, kx, ky, a0, a1, a2, a3,
+                     a4);
+    else
+        stats_span(SRC_F(j, at), DST_F(j, at), n, j->kind, j->p1, kx, ky, a0, a1, a2, a3, a4);
+}
+
+static void affine_block_at(const pass_job *j, Py_ssize_t at, Py_ssize_t n, float s, float b,
+                            float t, float away) {
+    if (j->bf16)
+        affine_block_h(SRC_H(j, at), DST_H(j, at), n, j->kind, j->p1, j->apply, s, b,
+                       j->nudge, t, away);
+    else
+        affine_block(SRC_F(j, at), DST_F(j, at), n, j->kind, j->p1, j->apply, s, b, j->nudge,
+                     t, away);
+}
+
+static void affine_span_at(const pass_job *j, Py_ssize_t at, Py_ssize_t n, const float *s,
+                           const float *b, const float *t, const float *away) {
+    if (j->bf16)
+        affine_span_h(SRC_H(j, at), DST_H(j, at), n, j->kind, j->p1, j->apply, s, b,
+                      j->nudge, t, away);
+    else
+        affine_span(SRC_F(j, at), DST_F(j, at), n, j->kind, j->p1, j->apply, s, b, j->nudge,
+                    t, away);
+}
+
+static void backward_block_at(const pass_job *j, Py_ssize_t at, Py_ssize_t n, float s,
+                              float bt, double *gsum) {
+    if (j->bf16)
+        backward_block_h(SRC_H(j, at), G_H(j, at), DST_H(j, at), n, j->kind, j->p0, j->p1,
+                         j->slope, j->from_output, s, bt, gsum);
+    else
+        backward_block(SRC_F(j, at), G_F(j, at), DST_F(j, at), n, j->kind, j->p0, j->p1,
+                       j->from_output, s, bt, gsum);
+}
+
+static void backward_span_at(const pass_job *j, Py_ssize_t at, Py_ssize_t n, const float *s,
+                             const float *bt, float *acc) {
+    if (j->bf16)
+        backward_span_h(SRC_H(j, at), G_H(j, at), DST_H(j, at), n, j->kind, j->p0, j->p1,
+                        j->slope, j->from_output, s, bt, acc);
+    else
+        backward_span(SRC_F(j, at), G_F(j, at), DST_F(j, at), n, j->kind, j->p0, j->p1,
+                      j->from_output, s, bt, acc);
+}
 
 /* [a, b) of task t out of T over n, chunk boundaries on multiples of align */
 static void split(Py_ssize_t n, int T, int t, Py_ssize_t align, Py_ssize_t *a, Py_ssize_t *b) {
@@ -469,8 +776,7 @@ static void stats_task(pass_job *j, int t) {
                 const Py_ssize_t base = (o * C + c) * inner;
                 for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
                     const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
-                    stats_block(j->src + base + i, j->dst + base + i, len, j->kind, j->p1,
-                                j->kx[c], j->ky[c], part + 5 * c);
+                    stats_block_at(j, base + i, len, j->kx[c], j->ky[c], part + 5 * c);
                 }
             }
         return;
@@ -490,8 +796,8 @@ static void stats_task(pass_job *j, int t) {
         int spans = 0;
         for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
             const Py_ssize_t n = tile_length(r.o1 * W - start, L, j0, TW);
-            stats_span(j->src + start + j0, j->dst + start + j0, n, j->kind, j->p1, kx + j0,
-                       ky + j0, a, a + TW, a + 2 * TW, a + 3 * TW, a + 4 * TW);
+            stats_span_at(j, start + j0, n, kx + j0, ky + j0, a, a + TW, a + 2 * TW,
+                          a + 3 * TW, a + 4 * TW);
             if (++spans == ROW_FLUSH) {
                 flush(a, d, 5 * TW);
                 spans = 0;
@@ -519,16 +825,13 @@ static void affine_task(pass_job *j, int t) {
             j->status[t] = -1;
             return;
         }
-        for (Py_ssize_t c = r.c0; c < r.c1; c++) {
-            tie[c - r.c0] = tie_target(j->s[c], j->b[c]);
-            tie[nc + c - r.c0] = tie_away(j->s[c], tie[c - r.c0]);
-        }
+        for (Py_ssize_t c = r.c0; c < r.c1; c++)
+            ties(j->bf16, j->s[c], j->b[c], &tie[c - r.c0], &tie[nc + c - r.c0]);
         for (Py_ssize_t o = r.o0; o < r.o1; o++)
             for (Py_ssize_t c = r.c0; c < r.c1; c++) {
                 const Py_ssize_t base = (o * C + c) * inner + r.i0;
-                affine_block(j->src + base, j->dst + base, r.i1 - r.i0, j->kind, j->p1,
-                             j->apply, j->s[c], j->b[c], j->nudge, tie[c - r.c0],
-                             tie[nc + c - r.c0]);
+                affine_block_at(j, base, r.i1 - r.i0, j->s[c], j->b[c], tie[c - r.c0],
+                                tie[nc + c - r.c0]);
             }
         free(tie);
         return;
@@ -537,8 +840,7 @@ static void affine_task(pass_job *j, int t) {
     const float *pos = j->pos;
     for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
         const Py_ssize_t n = r.o1 * W - start < L ? r.o1 * W - start : L;
-        affine_span(j->src + start, j->dst + start, n, j->kind, j->p1, j->apply, pos,
-                    pos + L, j->nudge, pos + 2 * L, pos + 3 * L);
+        affine_span_at(j, start, n, pos, pos + L, pos + 2 * L, pos + 3 * L);
     }
 }
 
@@ -556,9 +858,7 @@ static void backward_task(pass_job *j, int t) {
                 const Py_ssize_t base = (o * C + c) * inner;
                 for (Py_ssize_t i = r.i0; i < r.i1; i += BLOCK) {
                     const Py_ssize_t len = r.i1 - i < BLOCK ? r.i1 - i : BLOCK;
-                    backward_block(j->src + base + i, j->g + base + i, j->dst + base + i, len,
-                                   j->kind, j->p0, j->p1, j->from_output, j->s[c], j->b[c],
-                                   part + c);
+                    backward_block_at(j, base + i, len, j->s[c], j->b[c], part + c);
                 }
             }
         return;
@@ -578,8 +878,7 @@ static void backward_task(pass_job *j, int t) {
         int spans = 0;
         for (Py_ssize_t start = r.o0 * W; start < r.o1 * W; start += L) {
             const Py_ssize_t n = tile_length(r.o1 * W - start, L, j0, TW), o = start + j0;
-            backward_span(j->src + o, j->g + o, j->dst + o, n, j->kind, j->p0, j->p1,
-                          j->from_output, j->pos + j0, j->pos + L + j0, acc);
+            backward_span_at(j, o, n, j->pos + j0, j->pos + L + j0, acc);
             if (++spans == ROW_FLUSH) {
                 flush(acc, d, TW);
                 spans = 0;
@@ -740,16 +1039,16 @@ static float *positions(const pass_job *j, const float *const *in, int n) {
     return out;
 }
 
-static int stats_impl(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
+static int stats_impl(int bf16, const void *x, void *y, Py_ssize_t outer, Py_ssize_t C,
                       Py_ssize_t inner, int kind, float p0, float p1, double *sums,
                       int threads) {
     pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p0 = p0, .p1 = p1,
-                  .src = x, .dst = y};
+                  .bf16 = bf16, .src = x, .dst = y};
     float *k = malloc((size_t)(2 * C) * sizeof *k);
     if (!k)
         return -1;
     for (Py_ssize_t c = 0; c < C; c++) { /* each channel's first element */
-        k[c] = x[c * inner];
+        k[c] = bf16 ? load_h(((const bfloat16 *)x)[c * inner]) : ((const float *)x)[c * inner];
         k[C + c] = act_fn(kind, k[c], p1);
     }
     j.kx = k;
@@ -781,19 +1080,18 @@ static int stats_impl(const float *x, float *y, Py_ssize_t outer, Py_ssize_t C,
     return rc;
 }
 
-static int affine_impl(const float *src, float *out, Py_ssize_t outer, Py_ssize_t C,
+static int affine_impl(int bf16, const void *src, void *out, Py_ssize_t outer, Py_ssize_t C,
                        Py_ssize_t inner, int kind, float p1, int apply, const float *s,
                        const float *b, int nudge, int threads) {
-    pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p1 = p1, .src = src,
-                  .dst = out, .s = s, .b = b, .apply = apply, .nudge = nudge};
+    pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p1 = p1,
+                  .bf16 = bf16, .src = src, .dst = out, .s = s, .b = b, .apply = apply,
+                  .nudge = nudge};
     float *pos = NULL, *tie = NULL;
     if (uses_rows(C, inner)) {
         if (!(tie = malloc((size_t)(2 * C) * sizeof *tie)))
             return -1;
-        for (Py_ssize_t c = 0; c < C; c++) {
-            tie[c] = tie_target(s[c], b[c]);
-            tie[C + c] = tie_away(s[c], tie[c]);
-        }
+        for (Py_ssize_t c = 0; c < C; c++)
+            ties(bf16, s[c], b[c], &tie[c], &tie[C + c]);
         const float *per_channel[4] = {s, b, tie, tie + C};
         if (!(pos = positions(&j, per_channel, 4))) {
             free(tie);
@@ -807,12 +1105,12 @@ static int affine_impl(const float *src, float *out, Py_ssize_t outer, Py_ssize_
     return rc;
 }
 
-static int backward_impl(const float *src, const float *g, float *gx, Py_ssize_t outer,
-                         Py_ssize_t C, Py_ssize_t inner, int kind, float p0, float p1,
-                         int from_output, const float *s, const float *bt, double *gsum,
-                         double *gsum0, int threads) {
+static int backward_impl(int bf16, const void *src, const void *g, void *gx,
+                         Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int kind, float p0,
+                         float p1, float slope, int from_output, const float *s,
+                         const float *bt, double *gsum, double *gsum0, int threads) {
     pass_job j = {.outer = outer, .C = C, .inner = inner, .kind = kind, .p0 = p0, .p1 = p1,
-                  .src = src, .dst = gx, .g = g, .s = s, .b = bt,
+                  .slope = slope, .bf16 = bf16, .src = src, .dst = gx, .g = g, .s = s, .b = bt,
                   .from_output = from_output};
     float *pos = NULL;
     const float *per_channel[2] = {s, bt};
@@ -875,19 +1173,20 @@ static int check_layout(const char *name, Py_ssize_t outer, Py_ssize_t C, Py_ssi
     }
 
 PyDoc_STRVAR(stats_doc,
-"stats(x_ptr, y_ptr, outer, C, inner, kind, p0, p1, sums_ptr, threads=1)\n\n"
+"stats(x_ptr, y_ptr, outer, C, inner, kind, p0, p1, sums_ptr, threads=1, bf16=False)\n\n"
 "y = δ(x) into y_ptr; per channel the row (Σ(x-kx), Σ(x-kx)²,\n"
 "Σ(y-ky), Σ(y-ky)², Σδ'², kx, ky) into sums_ptr (C×7 float64).\n"
-"threads: at most this many threads (from 65536 elements per thread).");
+"threads: at most this many threads (from 65536 elements per thread).\n"
+"bf16: x and y hold bfloat16 (else float32); the sums are of their float32 values.");
 
 static PyObject *py_stats(PyObject *self, PyObject *args) {
     unsigned long long xp, yp, sp;
     Py_ssize_t outer, C, inner;
-    int kind, threads = 1;
+    int kind, threads = 1, bf16 = 0;
     double p0, p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnniddK|i:stats", &xp, &yp, &outer, &C, &inner, &kind, &p0,
-                          &p1, &sp, &threads))
+    if (!PyArg_ParseTuple(args, "KKnnniddK|ip:stats", &xp, &yp, &outer, &C, &inner, &kind, &p0,
+                          &p1, &sp, &threads, &bf16))
         return NULL;
     if (!check_layout("stats", outer, C, inner, kind, threads))
         return NULL;
@@ -895,25 +1194,27 @@ static PyObject *py_stats(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "stats: x, y and sums are required");
         return NULL;
     }
-    RUN(outer * C * inner, stats_impl(PTR(const float, xp), PTR(float, yp), outer, C, inner,
-                                      kind, (float)p0, (float)p1, PTR(double, sp), threads))
+    RUN(outer * C * inner, stats_impl(bf16, PTR(const void, xp), PTR(void, yp), outer, C,
+                                      inner, kind, (float)p0, (float)p1, PTR(double, sp),
+                                      threads))
     Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(affine_doc,
 "affine(src_ptr, out_ptr, outer, C, inner, kind, p1, apply, s_ptr, b_ptr, nudge,\n"
-"       threads=1)\n\n"
+"       threads=1, bf16=False)\n\n"
 "out = (y - b)·s per channel, y = δ(src) (apply) or src (src_ptr may be out_ptr);\n"
-"s, b: C float32. nudge: move outputs with y > 0 that rounded onto (0 - b)·s.");
+"s, b: C float32. nudge: move outputs with y > 0 that rounded onto (0 - b)·s.\n"
+"bf16: src and out hold bfloat16, s and b bfloat16 values; each step rounded.");
 
 static PyObject *py_affine(PyObject *self, PyObject *args) {
     unsigned long long srcp, outp, sp, bp;
     Py_ssize_t outer, C, inner;
-    int kind, apply, nudge, threads = 1;
+    int kind, apply, nudge, threads = 1, bf16 = 0;
     double p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnnidpKKp|i:affine", &srcp, &outp, &outer, &C, &inner,
-                          &kind, &p1, &apply, &sp, &bp, &nudge, &threads))
+    if (!PyArg_ParseTuple(args, "KKnnnidpKKp|ip:affine", &srcp, &outp, &outer, &C, &inner,
+                          &kind, &p1, &apply, &sp, &bp, &nudge, &threads, &bf16))
         return NULL;
     if (!check_layout("affine", outer, C, inner, kind, threads))
         return NULL;
@@ -922,7 +1223,7 @@ static PyObject *py_affine(PyObject *self, PyObject *args) {
         return NULL;
     }
     RUN(outer * C * inner,
-        affine_impl(PTR(const float, srcp), PTR(float, outp), outer, C, inner, kind,
+        affine_impl(bf16, PTR(const void, srcp), PTR(void, outp), outer, C, inner, kind,
                     (float)p1, apply, PTR(const float, sp), PTR(const float, bp), nudge,
                     threads))
     Py_RETURN_NONE;
@@ -930,19 +1231,21 @@ static PyObject *py_affine(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(backward_doc,
 "backward(src_ptr, g_ptr, gx_ptr, outer, C, inner, kind, p0, p1, from_output, s_ptr,\n"
-"         bt_ptr, gsum_ptr, threads=1) -> gsum0\n\n"
+"         bt_ptr, gsum_ptr, threads=1, bf16=False) -> gsum0\n\n"
 "gx = g·δ'·s into gx_ptr; gsum[c] = Σ g·(δ(x) - b) from x, or Σ g·out\n"
 "from the output (gsum_ptr 0: not written). bt: b (from x) or t = (0 - b)·s (from the\n"
-"output), C float32; gsum: C float64. Returns channel 0's sum (per tensor: the sum).");
+"output), C float32; gsum: C float64. Returns channel 0's sum (per tensor: the sum).\n"
+"bf16: src, g, gx hold bfloat16, s and bt bfloat16 values; each step rounded.");
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     unsigned long long srcp, gp, gxp, sp, btp, gsp;
     Py_ssize_t outer, C, inner;
-    int kind, from_output, threads = 1;
+    int kind, from_output, threads = 1, bf16 = 0;
     double p0, p1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnnniddpKKK|i:backward", &srcp, &gp, &gxp, &outer, &C,
-                          &inner, &kind, &p0, &p1, &from_output, &sp, &btp, &gsp, &threads))
+    if (!PyArg_ParseTuple(args, "KKKnnniddpKKK|ip:backward", &srcp, &gp, &gxp, &outer, &C,
+                          &inner, &kind, &p0, &p1, &from_output, &sp, &btp, &gsp, &threads,
+                          &bf16))
         return NULL;
     if (!check_layout("backward", outer, C, inner, kind, threads))
         return NULL;
@@ -954,12 +1257,15 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "backward: from_output needs the sign kind");
         return NULL;
     }
-    /* δ' above 0 as the eager code forms it in float32: 1·(p0 − p1) + p1 */
-    const float above = (float)(p0 - p1) + (float)p1;
+    /* δ' above 0 and below as the eager code forms them in the storage type:
+     * 1·(p0 − p1) + p1 and 0·(p0 − p1) + p1, each operation rounded */
+    const float above = bf16 ? round_h(round_h((float)(p0 - p1)) + (float)p1)
+                             : (float)(p0 - p1) + (float)p1;
+    const float below = bf16 ? round_h((float)p1) : (float)p1;
     double gsum0 = 0.0;
     RUN(outer * C * inner,
-        backward_impl(PTR(const float, srcp), PTR(const float, gp), PTR(float, gxp), outer, C,
-                      inner, kind, above, (float)p1, from_output, PTR(const float, sp),
+        backward_impl(bf16, PTR(const void, srcp), PTR(const void, gp), PTR(void, gxp), outer,
+                      C, inner, kind, above, below, (float)p1, from_output, PTR(const float, sp),
                       PTR(const float, btp), PTR(double, gsp), &gsum0, threads))
     return PyFloat_FromDouble(gsum0);
 }

@@ -359,7 +359,8 @@ def test_native_steps_aside_where_it_does_not_apply():
     nrelu = anact.NReLU()
     assert _uses_native(nrelu, x)
     assert not _uses_native(anact.NReLU().double(), x.detach().double().requires_grad_())
-    assert not _uses_native(anact.NReLU(), x.detach().bfloat16().requires_grad_())
+    assert _uses_native(anact.NReLU(), x.detach().bfloat16().requires_grad_())  # float32, bf16
+    assert not _uses_native(anact.NReLU(), x.detach().half().requires_grad_())
     assert not _uses_native(anact.NReLU(), x[:, :, ::2])  # gaps in memory
     assert not _uses_native(anact.NReLU(), x.detach()[:1].expand(4, 3, 5, 5))  # overlaps
     assert not _uses_native(anact.NReLU(), x, mask=torch.ones(4, 1, 1, 1, dtype=torch.bool))
@@ -502,7 +503,7 @@ def test_native_uses_torch_thread_count(monkeypatch):
 
             def call(*args):
                 if name != "finish":  # the statistics' step runs no pass
-                    calls.append((name, args[-1]))
+                    calls.append((name, args[-2]))  # (…, threads, bf16)
                 return fn(*args)
 
             return call

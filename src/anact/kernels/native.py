@@ -1,4 +1,5 @@
-"""The ``"native"`` fast path: the normalized activation's passes in C, on CPU float32.
+"""The ``"native"`` fast path: the normalized activation's passes in C, on CPU float32
+and bfloat16.
 
 A training step of ``out = s·(δ(x) − μ)`` (eq. 15) with batch statistics makes three
 passes over memory, each one call into :mod:`anact._nactcpu`:
@@ -17,7 +18,8 @@ first pass rather than recomputed in the second: ReLU costs nothing to recompute
 Swish's exp costs more than the in-place pass over a buffer still warm in cache.
 
 It applies to the built-in ReLU, LeakyReLU and Swish (the activations whose C twins
-exist, checked against the registry's functions) on float32 CPU tensors laid out densely
+exist, checked against the registry's functions) on float32 or bfloat16 CPU tensors (the
+latter with the eager op's bfloat16 roundings, docs/core.md) laid out densely
 in memory in any dimension order (contiguous, ``channels_last``, a transpose: the passes
 walk memory in order and the channel's place in that order gives the layout; the output
 and ∂L/∂x take x's layout, a gradient in another layout is copied into it),
@@ -58,6 +60,7 @@ __all__ = ["available", "openmp_team", "plan_call", "applies", "native_kind", "f
            "NativeNormalizedActivationFn"]
 
 KIND_SIGN, KIND_SWISH = 0, 1  # KIND_* in _nactcpu.c
+_STORAGE = (torch.float32, torch.bfloat16)  # dtypes of x the C passes read and write
 PARALLEL_NUMEL = 32768  # torch's grain size: smaller element-wise ops run on one thread
 
 
@@ -153,7 +156,7 @@ def plan_call(
     """``(kind, layout, order)`` for :func:`forward` when the native passes can run this
     call (see the module docstring), else None. ``channel_dim`` is normalized to 0..dim-1
     (or None)."""
-    if _nactcpu is None or mask is not None or x.dtype is not torch.float32:
+    if _nactcpu is None or mask is not None or x.dtype not in _STORAGE:
         return None
     if not x.is_cpu or x.numel() == 0:
         return None
@@ -197,8 +200,12 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return array("f", (value,))[0] if dtype is torch.float32 else value
 
 
-def _per_channel(t: Tensor, c: int) -> Tensor:
-    """A () or (C,) statistic as C contiguous float32 values for the C passes."""
+def _per_channel(t: Tensor, c: int, storage: torch.dtype = torch.float32) -> Tensor:
+    """A () or (C,) statistic as C contiguous float32 values for the C passes, rounded to
+    the ``storage`` dtype of the tensors they run on (the eager op casts scale and shift
+    to x's dtype)."""
+    if storage is not torch.float32:
+        t = t.detach().to(storage)
     if t.dtype is torch.float32 and t.numel() == c and t.is_contiguous():
         return t  # as it is: the C passes only read its data
     t = t.detach()
@@ -292,7 +299,7 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
                 save_output):
         (out,) = buffer
         outer, c, inner = layout
-        s, b = _per_channel(scale, c), _per_channel(shift, c)
+        s, b = _per_channel(scale, c, x.dtype), _per_channel(shift, c, x.dtype)
         src = out if filled else x.detach()
         _nactcpu.affine(
             src.data_ptr(),
@@ -307,6 +314,7 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
             b.data_ptr(),
             bool(save_output),
             _threads(out.numel()),
+            x.dtype is torch.bfloat16,
         )
         return out
 
@@ -337,14 +345,15 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None, None, None, None)
         outer, c, inner = ctx.layout
         kind, p0, p1 = ctx.kind
-        g = grad_out if grad_out.dtype is torch.float32 else grad_out.to(torch.float32)
+        storage = saved.dtype  # x's: float32 or bfloat16
+        g = grad_out if grad_out.dtype is storage else grad_out.to(storage)
         if g.stride() != saved.stride() and not (
             g.permute(ctx.order) if ctx.order else g
         ).is_contiguous():
             g = torch.empty_like(saved).copy_(g)  # into the layout of x
-        s, b = _per_channel(scale, c), _per_channel(shift, c)
+        s, b = _per_channel(scale, c, storage), _per_channel(shift, c, storage)
         # from the output, the C pass compares with t = (0 − b)·s formed as the forward did
-        bt = ((-b) * s) if ctx.saved_output else b
+        bt = ((-b) * s).to(storage).to(torch.float32) if ctx.saved_output else b
         # written even when only α needs a gradient (rare)
         grad_x = torch.empty_like(saved)  # x's layout (dense: its strides)
         # per channel Σ into gsum; per tensor the call returns the sum
@@ -352,17 +361,17 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
         total = _nactcpu.backward(saved.data_ptr(), g.data_ptr(), grad_x.data_ptr(),
                                   outer, c, inner, kind, p0, p1, ctx.saved_output, s.data_ptr(),
                                   bt.data_ptr(), 0 if gsum is None else gsum.data_ptr(),
-                                  _threads(g.numel()))  # fmt: skip
+                                  _threads(g.numel()), storage is torch.bfloat16)  # fmt: skip
         grad_scale = None
         if need_scale:
             if gsum is None:  # on floats, rounded as the tensor ops below round
-                if ctx.saved_output:  # Σ g·out / s, with the float32 s the forward used
-                    total = _rounded(total, scale.dtype) / _rounded(scale.item(), torch.float32)
+                if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
+                    total = _rounded(total, scale.dtype) / s.item()
                 grad_scale = torch.full(scale.shape, total, dtype=scale.dtype, device="cpu")
             else:
                 grad_scale = gsum.to(scale.dtype).reshape(scale.shape)
                 if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
-                    grad_scale = grad_scale / scale.to(torch.float32).to(scale.dtype)
+                    grad_scale = grad_scale / s.to(scale.dtype).reshape(scale.shape)
         grad_x = grad_x if need_x else None
         return grad_x, grad_scale, None, None, None, None, None, None, None, None, None
 
@@ -405,7 +414,7 @@ def forward(
     if batch:
         sums = torch.empty((c, 7), dtype=torch.float64, device="cpu")
         _nactcpu.stats(x.data_ptr(), out.data_ptr(), outer, c, inner, kind[0], kind[1], kind[2],
-                       sums.data_ptr(), _threads(x.numel()))  # fmt: skip
+                       sums.data_ptr(), _threads(x.numel()), x.dtype is torch.bfloat16)  # fmt: skip
     stat_dtype = AF._stat_dtype(x)
     buffers = (running_rho, running_rho_prime, running_mean, num_batches_tracked)
     if on_moments is None and reduce_moments is None and _finish_applies(buffers, alpha, c):
