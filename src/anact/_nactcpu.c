@@ -69,6 +69,12 @@ enum {
 #define MULTIVERSION
 #endif
 
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE __forceinline
+#endif
+
 static inline float bits_to_float(int32_t i) {
     float f;
     memcpy(&f, &i, sizeof f);
@@ -156,26 +162,38 @@ static inline float act_fn(int kind, float x, float p1) {
         sg += (DSQ);                                                                      \
     }
 
-MULTIVERSION
-static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n, int kind,
-                        float p1, float kx, float ky, double acc[5]) {
+/* one loop body for both storage types: h (bfloat16 when 1) is a constant in each of the
+ * two callers, so after inlining each gets its own vectorized loop */
+static ALWAYS_INLINE void stats_block_of(const void *xp, void *yp, Py_ssize_t n, int kind,
+                                         float p1, float kx, float ky, double acc[5],
+                                         const int h) {
+    const float *restrict xf = xp;
+    const bfloat16 *restrict xh = xp;
+    float *restrict yf = yp;
+    bfloat16 *restrict yh = yp;
     float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
     if (kind == KIND_SWISH) {
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
         for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = x[i];
+            const float xv = h ? load_h(xh[i]) : xf[i];
             const float s = sigmoid_f32(xv);
             const float yv = xv * s;
             const float d = swish_derivative(xv, s);
-            y[i] = yv;
+            if (h)
+                yh[i] = store_h(yv);
+            else
+                yf[i] = yv;
             ADD_SUMS(xv, yv, d * d)
         }
     } else { /* the sign kinds: δ'² summed as a count of x > 0, weighted in double */
 #pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
         for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = x[i];
+            const float xv = h ? load_h(xh[i]) : xf[i];
             const float yv = sign_fn(xv, p1);
-            y[i] = yv;
+            if (h)
+                yh[i] = store_h(yv);
+            else
+                yf[i] = yv;
             ADD_SUMS(xv, yv, xv > 0.0f ? 1.0f : 0.0f)
         }
     }
@@ -184,6 +202,19 @@ static void stats_block(const float *restrict x, float *restrict y, Py_ssize_t n
     acc[2] += sy;
     acc[3] += syy;
     acc[4] += sg;
+}
+
+MULTIVERSION
+static void stats_block(const float *x, float *y, Py_ssize_t n, int kind, float p1, float kx,
+                        float ky, double acc[5]) {
+    stats_block_of(x, y, n, kind, p1, kx, ky, acc, 0);
+}
+
+/* bfloat16 x and y: sums of the float32 values, y stored rounded (see "bfloat16") */
+MULTIVERSION
+static void stats_block_h(const bfloat16 *x, bfloat16 *y, Py_ssize_t n, int kind, float p1,
+                          float kx, float ky, double acc[5]) {
+    stats_block_of(x, y, n, kind, p1, kx, ky, acc, 1);
 }
 
 /* the sign kinds count x > 0 in Σδ'²: δ'² = p0² there and p1² elsewhere */
@@ -228,30 +259,54 @@ static Py_ssize_t tile_length(Py_ssize_t left, Py_ssize_t L, Py_ssize_t j0, Py_s
         a4[I] += (DSQ);                                                                   \
     }
 
-MULTIVERSION
-static void stats_span(const float *restrict x, float *restrict y, Py_ssize_t n, int kind,
-                       float p1, const float *restrict kx, const float *restrict ky,
-                       float *restrict a0, float *restrict a1, float *restrict a2,
-                       float *restrict a3, float *restrict a4) {
+static ALWAYS_INLINE void stats_span_of(const void *xp, void *yp, Py_ssize_t n, int kind,
+                                        float p1, const float *restrict kx,
+                                        const float *restrict ky, float *restrict a0,
+                                        float *restrict a1, float *restrict a2,
+                                        float *restrict a3, float *restrict a4, const int h) {
+    const float *restrict xf = xp;
+    const bfloat16 *restrict xh = xp;
+    float *restrict yf = yp;
+    bfloat16 *restrict yh = yp;
     if (kind == KIND_SWISH) {
 #pragma omp simd
         for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = x[i];
+            const float xv = h ? load_h(xh[i]) : xf[i];
             const float s = sigmoid_f32(xv);
             const float yv = xv * s;
             const float d = swish_derivative(xv, s);
-            y[i] = yv;
+            if (h)
+                yh[i] = store_h(yv);
+            else
+                yf[i] = yv;
             ADD_POSITION_SUMS(i, xv, yv, d * d)
         }
     } else {
 #pragma omp simd
         for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = x[i];
+            const float xv = h ? load_h(xh[i]) : xf[i];
             const float yv = sign_fn(xv, p1);
-            y[i] = yv;
+            if (h)
+                yh[i] = store_h(yv);
+            else
+                yf[i] = yv;
             ADD_POSITION_SUMS(i, xv, yv, xv > 0.0f ? 1.0f : 0.0f)
         }
     }
+}
+
+MULTIVERSION
+static void stats_span(const float *x, float *y, Py_ssize_t n, int kind, float p1,
+                       const float *kx, const float *ky, float *a0, float *a1, float *a2,
+                       float *a3, float *a4) {
+    stats_span_of(x, y, n, kind, p1, kx, ky, a0, a1, a2, a3, a4, 0);
+}
+
+MULTIVERSION
+static void stats_span_h(const bfloat16 *x, bfloat16 *y, Py_ssize_t n, int kind, float p1,
+                         const float *kx, const float *ky, float *a0, float *a1, float *a2,
+                         float *a3, float *a4) {
+    stats_span_of(x, y, n, kind, p1, kx, ky, a0, a1, a2, a3, a4, 1);
 }
 
 /* adds the float32 accumulators acc[0..n) into total[0..n) and clears them */
@@ -448,62 +503,6 @@ typedef struct {
  * product before its float32 sum). s, b, t (and p0, p1) arrive as bfloat16 values held
  * in floats.
  * ===================================================================================== */
-
-MULTIVERSION
-static void stats_block_h(const bfloat16 *restrict x, bfloat16 *restrict y, Py_ssize_t n, int kind,
-                          float p1, float kx, float ky, double acc[5]) {
-    float sx = 0.0f, sxx = 0.0f, sy = 0.0f, syy = 0.0f, sg = 0.0f;
-    if (kind == KIND_SWISH) {
-#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = load_h(x[i]);
-            const float s = sigmoid_f32(xv);
-            const float yv = xv * s;
-            const float d = swish_derivative(xv, s);
-            y[i] = store_h(yv);
-            ADD_SUMS(xv, yv, d * d)
-        }
-    } else {
-#pragma omp simd reduction(+ : sx, sxx, sy, syy, sg)
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = load_h(x[i]);
-            const float yv = sign_fn(xv, p1);
-            y[i] = store_h(yv);
-            ADD_SUMS(xv, yv, xv > 0.0f ? 1.0f : 0.0f)
-        }
-    }
-    acc[0] += sx;
-    acc[1] += sxx;
-    acc[2] += sy;
-    acc[3] += syy;
-    acc[4] += sg;
-}
-
-MULTIVERSION
-static void stats_span_h(const bfloat16 *restrict x, bfloat16 *restrict y, Py_ssize_t n, int kind,
-                         float p1, const float *restrict kx, const float *restrict ky,
-                         float *restrict a0, float *restrict a1, float *restrict a2,
-                         float *restrict a3, float *restrict a4) {
-    if (kind == KIND_SWISH) {
-#pragma omp simd
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = load_h(x[i]);
-            const float s = sigmoid_f32(xv);
-            const float yv = xv * s;
-            const float d = swish_derivative(xv, s);
-            y[i] = store_h(yv);
-            ADD_POSITION_SUMS(i, xv, yv, d * d)
-        }
-    } else {
-#pragma omp simd
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const float xv = load_h(x[i]);
-            const float yv = sign_fn(xv, p1);
-            y[i] = store_h(yv);
-            ADD_POSITION_SUMS(i, xv, yv, xv > 0.0f ? 1.0f : 0.0f)
-        }
-    }
-}
 
 /* out = (y − b)·s with y = δ(src) rounded (apply) or src, each step rounded; ties as in
  * affine_block, compared on the rounded output */
