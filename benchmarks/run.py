@@ -182,11 +182,14 @@ SAVE = "auto"  # NReLU's save= option (--save); "input" gives the layers before 
 
 
 def fast_backends() -> tuple[str, ...]:
-    """The backends measured against the plain op: "native" (the C passes) on CPU when built."""
-    from anact.kernels import native
+    """The backends measured against the plain op: "native" (the C passes) on CPU when
+    built, "triton" (the Triton kernels) on CUDA when Triton is installed."""
+    from anact.kernels import native, triton_passes
 
     if DEVICE.type == "cpu" and native.available():
         return ("eager", "native", "compiled")
+    if DEVICE.type == "cuda" and triton_passes.available():
+        return ("eager", "triton", "compiled")
     return ("eager", "compiled")
 
 

@@ -85,8 +85,13 @@ def test_bf16_native_is_the_eager_bf16_arithmetic(name, params, shape, cd, save)
 @pytest.mark.parametrize("name,params", ACTS)
 @pytest.mark.parametrize("cd", [None, 1, -1])
 def test_bf16_native_against_float64(name, params, cd):
+    check_bf16_against_float64("native", name, params, cd)
+
+
+def check_bf16_against_float64(backend, name, params, cd):
     """Statistics from the bfloat16 values (exact in float64), the output within one
-    bfloat16 rounding of s·(δ(x) − μ) per step, ∂L/∂α = β(1 − tanh²α)·Σ g·(δ(x) − μ)."""
+    bfloat16 rounding of s·(δ(x) − μ) per step, ∂L/∂α = β(1 − tanh²α)·Σ g·(δ(x) − μ)
+    (also run by tests/kernels/test_triton.py)."""
     torch.manual_seed(2)
     shape = (8, 6, 40)
     x = (torch.randn(shape) * 1.3 + 0.3).to(BF16)
@@ -97,8 +102,9 @@ def test_bf16_native_against_float64(name, params, cd):
     with torch.no_grad():
         module.alpha.fill_(0.4)
     xi = x.detach().requires_grad_()
-    with K.backend("native"):
+    with K.backend(backend):
         out = module(xi)
+    assert type(out.grad_fn).__name__.lower().startswith(backend)
     out.backward(g)
 
     x64, g64 = x.double(), g.double()

@@ -16,9 +16,13 @@ environment variable ``ANACT_BACKEND`` read at import):
 * ``"compiled"``: the fused kernels of :mod:`anact.kernels.fused` through
   ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton on CUDA), compiled once
   per activation, shape, dtype and configuration (``dynamic=False``);
-* ``"auto"``: ``"native"`` where it applies, else ``"compiled"`` for inputs of at
-  least :data:`AUTO_MIN_NUMEL` elements and eager for smaller ones (where a compiled
-  call's fixed cost is not repaid);
+* ``"triton"``: the Triton kernels of :mod:`anact.kernels.triton_passes` for the same
+  activations on CUDA tensors (float32, bfloat16, float16; needs the ``triton``
+  package), the native passes on CPU, eager elsewhere; opt-in while its GPU speed is
+  unmeasured (docs/core.md);
+* ``"auto"``: ``"native"`` on CPU and ``"triton"`` on CUDA where they apply, else
+  ``"compiled"`` for inputs of at least :data:`AUTO_MIN_NUMEL` elements and eager for
+  smaller ones (where a compiled call's fixed cost is not repaid);
 * ``"fused"``: the fused kernels run eagerly, without compilation (slow; for
   testing the fused math and debugging).
 
@@ -61,7 +65,7 @@ __all__ = [
     "clear_cache",
 ]
 
-BACKENDS = ("eager", "native", "compiled", "auto", "fused")
+BACKENDS = ("eager", "native", "compiled", "auto", "fused", "triton")
 DEFAULT_BACKEND = "native"
 AUTO_MIN_NUMEL = 1 << 15
 
@@ -286,7 +290,7 @@ def _is_compiling() -> bool:
 
 def _choose(x: Tensor, channel_dim: int | None) -> _Runner | None:
     name = _backend
-    if name in ("eager", "native") or _is_compiling() or _transforms_active():
+    if name in ("eager", "native", "triton") or _is_compiling() or _transforms_active():
         return None
     per_stat = x.numel() // (1 if channel_dim is None else max(1, x.shape[channel_dim]))
     if per_stat < 2:
@@ -330,7 +334,19 @@ def dispatch(
     if _forward_ad_active():  # tangents: the eager op's jvp rule
         return None
     cd = None if channel_dim is None else channel_dim % x.dim()
-    if _backend in ("native", "auto"):
+    if _backend == "triton" or (_backend == "auto" and x.is_cuda):
+        from anact.kernels import triton_passes
+
+        plan = triton_passes.plan_call(x, act, cd, mask)
+        if plan is not None:
+            return triton_passes.forward(
+                x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked,
+                alpha, training=training, momentum=momentum, bounds=bounds, beta=beta,
+                center=center, channel_dim=cd, eps=eps, reduce_moments=reduce_moments,
+                on_invalid=on_invalid, save_output=save_output, on_moments=on_moments,
+                plan=plan,
+            )  # fmt: skip
+    if _backend in ("native", "auto", "triton"):
         from anact.kernels import native
 
         plan = native.plan_call(x, act, cd, mask)

@@ -1,0 +1,362 @@
+"""The ``"triton"`` fast path: the normalized activation's passes as Triton kernels, for
+CUDA tensors.
+
+A training step of ``out = s·(δ(x) − μ)`` (eq. 15) makes three passes over memory and
+one tiny step between them, each one kernel (:mod:`anact.kernels._triton_kernels`):
+
+* ``stats``: reads x once; per tile and channel, the sums Σ(x−kx), Σ(x−kx)², Σ(y−ky),
+  Σ(y−ky)², Σδ'² (y = δ(x), k = the channel's first element, so that variances do not
+  cancel when the mean is large against the spread), written as float32 partials;
+* ``finish`` (one program): the partials summed in float64, the batch statistics and
+  their guards (eq. 31), the running update in place (eq. 16–18, with momentum, the
+  outlier bounds, ``momentum=None`` as a cumulative average, a count per tensor or per
+  channel) and λ (eq. 13): no host synchronisation and no small tensor ops;
+* ``affine``: out = (δ(x) − μ)·s from x (a GPU recomputes δ for free; what costs is
+  memory), ties moved for the output-saving ReLU as the eager op moves them;
+* ``backward``: reads x (or the saved output) and g once, writes ∂L/∂x = g·δ'(x)·s and
+  per-tile partials of ∂L/∂s = Σ g·(δ(x) − μ) (appendix eq. 36–37, 41–42).
+
+It applies to the built-in ReLU, LeakyReLU and Swish (:func:`anact.kernels.native.native_kind`)
+on float32, bfloat16 or float16 tensors laid out densely in memory in any dimension
+order, per tensor or per channel, without a mask, outside torch.compile, functorch
+transforms and export (:func:`plan_call`). Arithmetic is float32 with one rounding at
+each store (as torch.compile's kernels round), statistics float64.
+
+With a ``reduce_moments`` (:class:`anact.SyncNormalizedActivation`) or an ``on_moments``
+observer the moments are formed from the partials with tensor ops and the statistics'
+step runs as :mod:`anact.functional` does.
+
+Tests run these kernels on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``
+in the environment before the first call), which this module then accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from anact import functional as AF
+from anact.activations import Activation, _transforms_active
+from anact.kernels import native
+
+__all__ = ["available", "interpreting", "plan_call", "forward", "TritonNormalizedActivationFn",
+           "TILE"]
+
+_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+TILE = 2048  # elements per program of the element-wise kernels
+FINISH_BLOCK_P, FINISH_BLOCK_C = 64, 64
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the ``triton`` package is installed (it comes with CUDA builds of torch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on
+    CPU tensors, which is how the tests check them without a GPU."""
+    return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
+
+
+def _kernels():
+    from anact.kernels import _triton_kernels
+
+    return _triton_kernels
+
+
+def plan_call(
+    x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | None
+) -> native.Plan | None:
+    """``(kind, layout, order)`` for :func:`forward` when the Triton kernels can run this
+    call, else None (``channel_dim`` normalized to 0..dim-1 or None)."""
+    if mask is not None or x.dtype not in _STORAGE or x.numel() == 0 or not available():
+        return None
+    if not (x.is_cuda or (x.is_cpu and interpreting())):
+        return None
+    if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
+        return None
+    order = native._memory_order(x)
+    if order is None:
+        return None
+    layout = native._layout(x, channel_dim, order)
+    if layout[0] * layout[2] < 2 or layout[0] * layout[2] >= 2**31:
+        return None
+    kind = native.native_kind(act)
+    return None if kind is None else (kind, layout, order)
+
+
+def _tiling(c: int, inner: int) -> tuple[int, int, int]:
+    """(LAYOUT, BLOCK_R, BLOCK_C) of the element-wise kernels for an (outer, c, inner)
+    layout: per tensor flat tiles; channels last (inner = 1) tiles across channels,
+    so that a tile's rows are contiguous; else one channel per tile."""
+    K = _kernels()
+    if c == 1:
+        return K.LAYOUT_FLAT, TILE, 1
+    if inner == 1:
+        block_c = min(1 << (c - 1).bit_length(), 64)
+        return K.LAYOUT_LAST, TILE // block_c, block_c
+    return K.LAYOUT_GENERAL, TILE, 1
+
+
+def _grid(rows: int, c: int, block_r: int, block_c: int) -> tuple[int, int]:
+    return (-(-rows // block_r), -(-c // block_c))
+
+
+def _device_of(t: Tensor):
+    """Kernels launch on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _constants(device: torch.device, momentum: float, low: float, high: float,
+               eps: float) -> Tensor:  # fmt: skip
+    """The finish kernel's float64 constants (Triton passes Python floats as float32)."""
+    f32 = torch.finfo(torch.float32)
+    return torch.tensor([momentum, low, high, eps, f32.eps, f32.tiny], dtype=torch.float64,
+                        device=device)  # fmt: skip
+
+
+def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int,
+                    device: torch.device) -> bool:  # fmt: skip
+    """Whether the finish kernel can read and write these buffers: float32/float64
+    statistics on x's device, C values each, an int64 count (1 or C), dense."""
+    if alpha.dtype not in (torch.float32, torch.float64):
+        return False
+    rho, rho_prime, mean, tracked = buffers
+    if rho is None:
+        return True
+    return (rho.dtype in (torch.float32, torch.float64) and rho_prime.dtype is rho.dtype
+            and mean.dtype is rho.dtype and tracked.dtype is torch.int64
+            and tracked.numel() in (1, c) and tracked.is_contiguous()
+            and tracked.device == device
+            and all(t.device == device and t.numel() == c and t.is_contiguous()
+                    for t in (rho, rho_prime, mean)))  # fmt: skip
+
+
+def _moments_from_sums(sums: Tensor, pilot: Tensor, count: int, per_channel: bool,
+                       dtype: torch.dtype) -> AF.BatchMoments:  # fmt: skip
+    """BatchMoments from the (C, 5) float64 sums and the (C, 2) pilots, on their device."""
+    n = float(count)
+    sx, sxx, sy, syy, sg = sums.t().unbind()
+    kx, ky = pilot.to(torch.float64).t().unbind()
+    mx, my = sx / n, sy / n
+    var_x = (sxx / n - mx * mx).clamp_min(0)
+    var_y = (syy / n - my * my).clamp_min(0)
+    dsq = torch.where(torch.isnan(sy), sy, sg / n)
+    stacked = torch.stack([torch.full_like(mx, n), kx + mx, var_x, ky + my, var_y, dsq])
+    stacked = stacked.to(dtype)
+    if not per_channel:
+        stacked = stacked.reshape(6)
+    return AF.BatchMoments(*stacked.unbind())
+
+
+def forward(
+    x: Tensor,
+    act: Activation,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    channel_dim: int | None,
+    eps: float,
+    reduce_moments: Callable | None,
+    on_invalid: Callable[[], None],
+    save_output: Callable[[Tensor], bool] | bool,
+    on_moments: Callable | None,
+    plan: native.Plan,
+) -> Tensor:
+    """:func:`anact.functional.normalized_activation` by the Triton kernels, for a call
+    :func:`plan_call` accepted (its ``plan``)."""
+    K = _kernels()
+    (kind, p0, p1), (outer, c, inner), order = plan
+    rows = outer * inner
+    layout, block_r, block_c = _tiling(c, inner)
+    has_running = running_rho is not None
+    batch = training or not has_running
+    per_channel = channel_dim is not None
+    xd = x.detach()
+    buffers = (running_rho, running_rho_prime, running_mean, num_batches_tracked)
+    with _device_of(x):
+        part = pilot = None
+        if batch:
+            grid = _grid(rows, c, block_r, block_c)
+            part = torch.empty((grid[0], c, 5), dtype=torch.float32, device=x.device)
+            pilot = torch.empty((c, 2), dtype=torch.float32, device=x.device)
+            K.stats_kernel[grid](xd, part, pilot, rows, c, inner, p0, p1, KIND=kind,
+                                 LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c)  # fmt: skip
+        if (on_moments is None and reduce_moments is None
+                and _finish_applies(buffers, alpha, c, x.device)):  # fmt: skip
+            scale, shift = _finish(part, pilot, rows, c, per_channel, buffers, alpha,
+                                   training=training, momentum=momentum, bounds=bounds,
+                                   beta=beta, center=center, eps=eps, on_invalid=on_invalid,
+                                   device=x.device)  # fmt: skip
+        else:
+            stat_dtype = AF._stat_dtype(x)
+            if batch:
+                moments = _moments_from_sums(part.sum(0, dtype=torch.float64), pilot, rows,
+                                             per_channel, stat_dtype)  # fmt: skip
+                if on_moments is not None:
+                    on_moments(moments)  # this process's, before the reduction
+                if reduce_moments is not None:
+                    moments = reduce_moments(moments)
+                rho, rho_prime, mu, valid = AF._normalization_stats(
+                    moments, *buffers, training=training, momentum=momentum, bounds=bounds
+                )
+                if x.is_cpu and not bool(valid.all()):  # no host sync on a GPU
+                    on_invalid()
+            else:
+                rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+            scale, shift = AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta,
+                                               center=center, eps=eps)  # fmt: skip
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        return TritonNormalizedActivationFn.forward(x, scale, shift, act, channel_dim, plan,
+                                                    False)  # fmt: skip
+    if callable(save_output):
+        save_output = save_output(scale)
+    return AF.apply_function(TritonNormalizedActivationFn, x, scale, shift, act, channel_dim,
+                             plan, save_output)  # fmt: skip
+
+
+def _finish(
+    part: Tensor | None,
+    pilot: Tensor | None,
+    count: int,
+    c: int,
+    per_channel: bool,
+    buffers: tuple[Tensor | None, ...],
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    eps: float | None,
+    on_invalid: Callable[[], None],
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` by the finish kernel (None partials: eval, the running values)."""
+    K = _kernels()
+    rho, rho_prime, mean, tracked = buffers
+    has_running = rho is not None
+    shift_dtype = mean.dtype if has_running else torch.float32
+    lam = torch.empty(c, dtype=alpha.dtype, device=device)
+    shift = torch.empty(c, dtype=shift_dtype, device=device)
+    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    low, high = bounds if bounds is not None else (0.0, 0.0)
+    consts = _constants(device, 0.0 if momentum is None else float(momentum), float(low),
+                        float(high), 0.0 if eps is None else float(eps))  # fmt: skip
+    dummy = lam  # a pointer for the arguments a configuration does not read
+    K.finish_kernel[(1,)](
+        dummy if part is None else part, dummy if pilot is None else pilot,
+        0 if part is None else part.shape[0], c, count, consts,
+        *((rho, rho_prime, mean, tracked) if has_running else (dummy, dummy, dummy, bad)),
+        lam, shift, bad,
+        HAS_BATCH=part is not None, HAS_RUNNING=has_running, TRAINING=training,
+        CUMULATIVE=momentum is None, HAS_BOUNDS=bounds is not None,
+        COUNT_PER_CHANNEL=has_running and tracked.dim() > 0 and tracked.numel() == c,
+        CENTER=center, HAS_EPS=eps is not None, BLOCK_P=FINISH_BLOCK_P,
+        BLOCK_C=FINISH_BLOCK_C,
+    )  # fmt: skip
+    if part is not None and has_running and training:
+        torch.autograd.graph.increment_version(buffers)  # written in place by the kernel
+    if part is not None and device.type == "cpu" and int(bad.item()):  # no sync on a GPU
+        on_invalid()
+    if not per_channel:
+        lam, shift = lam.reshape(()), shift.reshape(())
+    scale = torch.tanh(alpha).mul(beta).add(lam)  # eq. 15
+    return scale, shift
+
+
+class TritonNormalizedActivationFn(torch.autograd.Function):
+    """out = scale·(δ(x) − shift) by the Triton kernels; saves x or the output, scale,
+    shift. A double backward (``create_graph=True``) uses the eager formulas."""
+
+    @staticmethod
+    def forward(x, scale, shift, act, channel_dim, plan, save_output):  # type: ignore[override]
+        K = _kernels()
+        (kind, p0, p1), (outer, c, inner), _ = plan
+        layout, block_r, block_c = _tiling(c, inner)
+        s, b = native._per_channel(scale, c, x.dtype), native._per_channel(shift, c, x.dtype)
+        lo = hi = s
+        if save_output:
+            _, lo, hi = AF._tie_bounds(s.to(x.dtype), b.to(x.dtype))
+            lo, hi = lo.float(), hi.float()
+        out = torch.empty_like(x)
+        with _device_of(x):
+            K.affine_kernel[_grid(outer * inner, c, block_r, block_c)](
+                x.detach(), out, s, b, lo, hi, outer * inner, c, inner, p0, p1, KIND=kind,
+                NUDGE=bool(save_output), BF16=x.dtype is torch.bfloat16, LAYOUT=layout,
+                BLOCK_R=block_r, BLOCK_C=block_c,
+            )  # fmt: skip
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, shift, act, channel_dim, plan, save_output = inputs
+        # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
+        ctx.saved_output = bool(save_output) and not AF._scale_has_zero(scale)
+        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+        ctx.act, ctx.channel_dim, ctx.plan = act, channel_dim, plan
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, scale, shift = ctx.saved_tensors
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        act, cd = ctx.act, ctx.channel_dim
+        if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
+            from anact.kernels import fused
+
+            if ctx.saved_output:
+                grads = AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
+                                              need_scale, inplace=False)  # fmt: skip
+            else:
+                grads = fused.backward_pass(saved, grad_out, scale, shift, act=act,
+                                            channel_dim=cd, need_x=need_x,
+                                            need_scale=need_scale)  # fmt: skip
+            return (*grads, None, None, None, None, None)
+        K = _kernels()
+        (kind, p0, p1), (outer, c, inner), order = ctx.plan
+        layout, block_r, block_c = _tiling(c, inner)
+        rows = outer * inner
+        storage = saved.dtype
+        g = grad_out if grad_out.dtype is storage else grad_out.to(storage)
+        if g.stride() != saved.stride() and not (
+            g.permute(order) if order else g
+        ).is_contiguous():
+            g = torch.empty_like(saved).copy_(g)  # into the layout of x
+        s, b = native._per_channel(scale, c, storage), native._per_channel(shift, c, storage)
+        if ctx.saved_output:  # compared with t = (0 − b)·s formed as the forward formed it
+            b = ((-b.to(storage)) * s.to(storage)).float()
+        grad_x = torch.empty_like(saved) if need_x else saved
+        grid = _grid(rows, c, block_r, block_c)
+        part = torch.empty((grid[0], c) if need_scale else (1,), dtype=torch.float32,
+                           device=saved.device)  # fmt: skip
+        with _device_of(saved):
+            K.backward_kernel[grid](
+                saved, g, grad_x, part, s, b, rows, c, inner, p0, p1, KIND=kind,
+                FROM_OUTPUT=ctx.saved_output, NEED_X=need_x, NEED_SCALE=need_scale,
+                BF16=storage is torch.bfloat16, LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
+            )  # fmt: skip
+        grad_scale = None
+        if need_scale:
+            total = part.sum(0, dtype=torch.float64).to(scale.dtype).reshape(scale.shape)
+            if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
+                total = total / s.to(scale.dtype).reshape(scale.shape)
+            grad_scale = total
+        return (grad_x if need_x else None), grad_scale, None, None, None, None, None
+

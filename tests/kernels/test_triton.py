@@ -1,0 +1,390 @@
+"""The Triton kernels (backend ``"triton"``) against the eager reference and float64.
+
+They run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here
+before the kernels are first imported), with or without a GPU; the test marked ``gpu``
+runs them compiled on a CUDA device, in a child process without the interpreter.
+Skipped where the ``triton`` package is not installed.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+CUDA_CHILD = os.environ.get("ANACT_TRITON_CUDA_CHILD") == "1"
+if not CUDA_CHILD:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anact's kernels import triton.jit
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from test_fused import WARNINGS, _assert_same, _run  # noqa: E402
+from test_native_bf16 import check_bf16_against_float64  # noqa: E402
+
+import anact  # noqa: E402
+import anact.functional as AF  # noqa: E402
+import anact.kernels as K  # noqa: E402
+from anact.activations import Activation  # noqa: E402
+from anact.kernels import triton_passes  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(not triton_passes.available(), reason="the triton package is not installed"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy's, inside the interpreter
+]
+
+ACTS = [("relu", None), ("lrelu", {"negative_slope": 0.2}), ("swish", None)]
+# (shape, channel_dim): per tensor (several tiles: TILE = 2048), per channel with a channel
+# per tile (dim 1, and dim 0 with inner = 1... rows), channels last (dim −1: tiles across
+# channels, more channels than a tile holds)
+SHAPES = [((6, 5), None), ((5, 3, 30, 30), None), ((4, 3, 5, 5), 1), ((3, 7, 33), 1),
+          ((3, 70), 0), ((300, 3), -1), ((5, 7, 70), -1)]  # fmt: skip
+
+
+def _module(name, params, shape, cd, **kw):
+    c = None if cd is None else shape[cd]
+    return lambda: anact.NormalizedActivation(name, c, channel_dim=cd, activation_params=params,
+                                              **kw)  # fmt: skip
+
+
+def _uses_triton(module, x):
+    with K.backend("triton"):
+        out = module(x)
+    return type(out.grad_fn).__name__.startswith("TritonNormalizedActivationFn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,cd", SHAPES)
+@pytest.mark.parametrize("name,params", ACTS)
+def test_triton_matches_eager(name, params, shape, cd, dtype):
+    """Outputs, ∂L/∂x, ∂L/∂α over three training steps and one eval step, the running
+    statistics and counts, and the warnings, against the eager op."""
+    torch.manual_seed(1)
+    x = (torch.randn(shape) * 1.5 + 0.2).to(dtype)
+    g = torch.randn(shape).to(dtype)
+    make = _module(name, params, shape, cd)
+    assert _uses_triton(make(), x.clone().requires_grad_())
+    got, want = _run("triton", make, x, g=g), _run("eager", make, x, g=g)
+    if dtype is torch.bfloat16:
+        got, want = _without_alpha_grads(got), _without_alpha_grads(want)
+    _assert_same(got, want, dtype)
+
+
+def _without_alpha_grads(run):
+    """:func:`_run`'s results without ∂L/∂α (items 2, 5, 8: three steps of out, ∂L/∂x,
+    ∂L/∂α, then the eval output). In bfloat16 the eager op sums products rounded to
+    bfloat16, the kernel unrounded ones: both are checked against float64 instead."""
+    results, *rest = run
+    return ([t for i, t in enumerate(results) if not (i % 3 == 2 and i < 9)], *rest)
+
+
+@pytest.mark.parametrize("name,params", ACTS)
+@pytest.mark.parametrize("cd", [None, 1, -1])
+def test_triton_bf16_against_float64(name, params, cd):
+    check_bf16_against_float64("triton", name, params, cd)
+
+
+@pytest.mark.parametrize("shape,order,cd", [
+    ((4, 6, 5, 5), (0, 2, 3, 1), 1),  # channels_last, per channel
+    ((4, 6, 5, 5), (0, 2, 3, 1), None),
+    ((7, 3, 20), (1, 0, 2), 2),  # (T, N, C) stored as (N, T, C)
+])  # fmt: skip
+def test_triton_dense_layouts_match_eager(shape, order, cd):
+    """Any dense layout, walked in memory order; output and ∂L/∂x keep x's strides."""
+    torch.manual_seed(2)
+    x = (torch.randn([shape[d] for d in order]) + 0.2).permute(tuple(np.argsort(order)))
+    g = torch.randn(shape)
+    make = _module("swish", None, shape, cd)
+    xg = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    with K.backend("triton"):
+        out = make()(xg)
+    out.backward(g)
+    assert out.stride() == x.stride() and xg.grad.stride() == x.stride()
+    _assert_same(_run("triton", make, x, g=g), _run("eager", make, x.contiguous(), g=g),
+                 torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"center": False}, {"momentum": None}, {"bounds": None}, {"track_running_stats": False},
+     {"beta": 0.0}, {"save": "input"}, {"save": "output"}, {"eps": 0.5}],
+)  # fmt: skip
+@pytest.mark.parametrize("cd", [None, 1])
+def test_triton_options_match_eager(kwargs, cd):
+    torch.manual_seed(3)
+    shape = (4, 3, 6, 6)
+    x = torch.randn(shape) - 0.3
+    make = _module("relu", None, shape, cd, **kwargs)
+    _assert_same(_run("triton", make, x, steps=4), _run("eager", make, x, steps=4),
+                 torch.float32)  # fmt: skip
+
+
+def test_triton_float64_statistics_buffers_match_eager():
+    """A float32 input into a module whose buffers and α are float64."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 4, 7)
+
+    def make():
+        return anact.NSwish(4, channel_dim=1).double()
+
+    def run(backend):
+        m = make()
+        with K.backend(backend):
+            for i in range(3):
+                out = m(x * (1 + 0.3 * i))
+        return out, m.state_dict()
+
+    (oa, sa), (ob, sb) = run("triton"), run("eager")
+    torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize(
+    "make_x",
+    [
+        lambda: torch.full((16,), 0.37),
+        lambda: torch.full((4, 3, 2), -1234.5),
+        lambda: torch.tensor([1.0, math.nan, 2.0, 3.0]),
+        lambda: torch.tensor([math.nan, 1.0, 2.0, 3.0]),
+        lambda: torch.tensor([1.0, math.inf, 2.0, 3.0]),
+        lambda: torch.tensor([-math.inf, 1.0, 2.0, 3.0]),
+        lambda: -torch.rand(64) - 0.1,
+    ],
+    ids=["constant", "constant-3d", "nan", "nan-first", "inf", "inf-first", "dead"],
+)
+@pytest.mark.parametrize("track", [True, False])
+def test_triton_guards_behave_like_eager(make_x, track):
+    """Unusable batches: the same warning, output and (untouched) running statistics."""
+    x = make_x()
+
+    def run(backend):
+        torch.manual_seed(0)
+        module = anact.NReLU(track_running_stats=track)
+        module(torch.randn(128))  # a valid first batch
+        with K.backend(backend), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = module(x)
+        return out, dict(module.state_dict()), [type(w.message) for w in caught
+                                                if issubclass(type(w.message), WARNINGS)]
+
+    (oe, se, we), (ot, st, wt) = run("eager"), run("triton")
+    assert we == wt
+    if track:
+        assert AF.StatisticsWarning in we
+    torch.testing.assert_close(ot, oe, equal_nan=True)
+    for k in se:
+        torch.testing.assert_close(st[k], se[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_triton_dead_channel_keeps_its_own_count():
+    """Per channel, a channel whose batch is unusable keeps its statistics and count."""
+    x = torch.randn(8, 3, 10)
+    x[:, 1] = -torch.rand(8, 10) - 0.1  # ReLU is dead on channel 1
+    states = {}
+    for backend in ("triton", "eager"):
+        m = anact.NReLU(3, channel_dim=1)
+        with K.backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore", AF.StatisticsWarning)
+            m(x)
+            m(x * 1.2)
+        states[backend] = m.state_dict()
+    assert states["triton"]["channel_batches_tracked"].tolist() == [2, 0, 2]
+    for k, v in states["eager"].items():
+        torch.testing.assert_close(states["triton"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("name,params", ACTS)
+def test_triton_against_float64(name, params):
+    """Output, ∂L/∂x, ∂L/∂α and the running statistics against the eager op run on the
+    input in float64."""
+    torch.manual_seed(5)
+    shape = (8, 4, 9, 9)
+    x64 = torch.randn(shape, dtype=torch.float64) * 2
+    g64 = torch.randn(shape, dtype=torch.float64)
+    got, ref = [], []
+    for dtype, backend, sink in ((torch.float32, "triton", got), (torch.float64, "eager", ref)):
+        module = anact.NormalizedActivation(name, activation_params=params).to(dtype)
+        with torch.no_grad():
+            module.alpha.fill_(0.4)
+        x = x64.to(dtype).requires_grad_()
+        with K.backend(backend):
+            out = module(x)
+        out.backward(g64.to(dtype))
+        sink += [out.detach(), x.grad, module.alpha.grad, module.running_rho.detach(),
+                 module.running_rho_prime.detach(), module.running_mean.detach()]  # fmt: skip
+    for a, b in zip(got, ref, strict=True):
+        scale = 1 + float(b.abs().max())
+        np.testing.assert_allclose(a.double().numpy(), b.numpy(), rtol=2e-5, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("cd", [None, 1])
+def test_triton_output_saving_and_ties_match_eager(cd):
+    """ReLU saving its output, with elements whose δ(x) > 0 rounds onto s·(0 − μ): the
+    output keeps them off that value, and the same elements get a gradient."""
+    torch.manual_seed(6)
+    shape = (4, 3, 4, 4)
+    x = torch.randn(shape) * 0.5 + 0.1
+    x.view(-1)[:3] = 0.0
+    x.view(-1)[3:6] = 1e-9
+    g = torch.randn(shape)
+    results = {}
+    for backend in ("triton", "eager"):
+        module = anact.NReLU(None if cd is None else shape[cd], channel_dim=cd,
+                             track_running_stats=False)  # fmt: skip
+        with torch.no_grad():
+            module.alpha.fill_(0.3)
+        xi = x.clone().requires_grad_()
+        with K.backend(backend):
+            out = module(xi)
+        out.backward(g)
+        assert (backend == "triton") == type(out.grad_fn).__name__.startswith("Triton")
+        results[backend] = (out.detach(), xi.grad, module.alpha.grad)
+    (o_t, gx_t, ga_t), (o_e, gx_e, ga_e) = results["triton"], results["eager"]
+    torch.testing.assert_close(o_t, o_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_t, gx_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga_t, ga_e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gx_t == 0, gx_e == 0)  # the same elements counted as δ(x) > 0
+
+
+def test_triton_saves_what_the_plain_op_saves():
+    """NReLU keeps its output for backward, NSwish its input: one tensor each."""
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    for module, expect in ((anact.NReLU(), "output"), (anact.NSwish(), "input")):
+        saved = []
+        with K.backend("triton"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t, saved=saved: saved.append(t) or t, lambda t: t
+        ):
+            out = module(x)
+        big = [t for t in saved if t.numel() == x.numel()]
+        assert len(big) == 1
+        assert torch.equal(big[0], out if expect == "output" else x)
+
+
+def test_triton_double_backward_matches_eager():
+    torch.manual_seed(7)
+    x0 = torch.randn(12, 40) + 0.3
+    grads = {}
+    for backend in ("triton", "eager"):
+        m = anact.NSwish(40, channel_dim=1)
+        with torch.no_grad():
+            m.alpha.fill_(0.3)
+        x = x0.clone().requires_grad_()
+        with K.backend(backend):
+            out = m(x)
+        gx, ga = torch.autograd.grad((out**2).sum(), (x, m.alpha), create_graph=True)
+        ggx, gga = torch.autograd.grad(gx.sum() + ga.sum(), (x, m.alpha))
+        grads[backend] = (gx.detach(), ga.detach(), ggx, gga)
+    for a, b in zip(grads["triton"], grads["eager"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_hooks_get_moments_like_eager():
+    """on_moments (the monitor) and reduce_moments (distributed) see the same moments."""
+    torch.manual_seed(8)
+    x = torch.randn(4, 3, 5, 5)
+    seen = {}
+    for backend in ("triton", "eager"):
+        got = []
+
+        def reduce(m, got=got):
+            got.append(m)
+            return AF.BatchMoments(*(t * 1 for t in m))
+
+        rr, rrp, rm = torch.ones(3), torch.ones(3), torch.zeros(3)
+        nbt = torch.zeros((), dtype=torch.long)
+        with K.backend(backend):
+            AF.normalized_activation(x, "swish", rr, rrp, rm, nbt, torch.zeros(3), training=True,
+                                     channel_dim=1, reduce_moments=reduce,
+                                     on_moments=got.append)  # fmt: skip
+        seen[backend] = (got, rr.clone(), rrp.clone(), rm.clone())
+    (gt, *rt), (ge, *re) = seen["triton"], seen["eager"]
+    assert len(gt) == len(ge) == 2
+    for mt, me in zip(gt, ge, strict=True):
+        for a, b in zip(mt, me, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(rt, re, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_model_training_matches_eager_over_steps():
+    """A small conv net with NSwish and NReLU trained four SGD steps on either path."""
+    torch.manual_seed(11)
+    data = [(torch.randn(8, 1, 12, 12), torch.randint(0, 3, (8,))) for _ in range(4)]
+
+    def train(backend):
+        torch.manual_seed(12)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), anact.NSwish(4, channel_dim=1), torch.nn.Flatten(),
+            torch.nn.Linear(4 * 10 * 10, 16), anact.NReLU(), torch.nn.Linear(16, 3),
+        )  # fmt: skip
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        with K.backend(backend):
+            for xb, yb in data:
+                opt.zero_grad()
+                F.cross_entropy(net(xb), yb).backward()
+                opt.step()
+        return net.state_dict()
+
+    a, b = train("triton"), train("eager")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_triton_steps_aside_where_it_does_not_apply(monkeypatch):
+    """A mask, float64, an activation without a kernel twin, a transform: another path."""
+    x = torch.randn(6, 5, requires_grad=True)
+    custom = Activation("relu", torch.relu, lambda t: (t > 0).to(t.dtype))
+    with K.backend("triton"):
+        assert type(anact.NReLU()(x).grad_fn).__name__.startswith("Triton")
+        for out in (anact.NReLU()(x, mask=torch.ones(6, 1, dtype=torch.bool)),
+                    anact.NReLU().double()(x.double()),
+                    anact.NormalizedActivation(custom)(x)):  # fmt: skip
+            assert not type(out.grad_fn).__name__.startswith("Triton")
+        out = torch.func.vmap(lambda t: anact.NReLU(track_running_stats=False)(t))(x[None])
+        assert out.shape == (1, 6, 5)
+    # on CPU without the interpreter: the native passes (the default's CPU path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with K.backend("triton"):
+        assert type(anact.NReLU()(x).grad_fn).__name__.startswith("Native")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_cuda_matches_eager():
+    """The kernels compiled for the GPU: :func:`compiled_cuda_case` in a child process
+    (this one interprets them)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["ANACT_TRITON_CUDA_CHILD"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "compiled_cuda_case"], env=env, cwd=os.path.dirname(__file__), capture_output=True,
+        text=True, timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+if CUDA_CHILD:  # collected only in the child process of test_triton_cuda_matches_eager
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("shape,cd", [((64, 32, 16, 16), None), ((64, 32, 16, 16), 1),
+                                          ((16, 128, 96), -1)])  # fmt: skip
+    @pytest.mark.parametrize("name,params", ACTS)
+    def test_compiled_cuda_case(name, params, shape, cd, dtype):
+        torch.manual_seed(9)
+        x = (torch.randn(shape) * 1.5 + 0.2).to("cuda", dtype)
+        g = torch.randn(shape).to("cuda", dtype)
+        c = None if cd is None else shape[cd]
+
+        def make():
+            return anact.NormalizedActivation(name, c, channel_dim=cd,
+                                              activation_params=params).cuda()  # fmt: skip
+
+        assert _uses_triton(make(), x.clone().requires_grad_())
+        got, want = _run("triton", make, x, g=g), _run("eager", make, x, g=g)
+        if dtype is torch.bfloat16:
+            got, want = _without_alpha_grads(got), _without_alpha_grads(want)
+        _assert_same(got, want, dtype)
