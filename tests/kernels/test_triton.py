@@ -79,6 +79,30 @@ def _without_alpha_grads(run):
     return ([t for i, t in enumerate(results) if not (i % 3 == 2 and i < 9)], *rest)
 
 
+@pytest.mark.parametrize("shape,cd", [((5, 3, 30, 30), None), ((4, 3, 5, 5), 1),
+                                      ((300, 3), -1)])  # fmt: skip
+@pytest.mark.parametrize("name,params", ACTS)
+def test_triton_float16_matches_eager(name, params, shape, cd):
+    """float16 storage (outputs, ∂L/∂x within a float16 rounding or two of eager's;
+    ∂L/∂α, as in bfloat16, summed unrounded), NReLU's saved output included."""
+    torch.manual_seed(10)
+    x = (torch.randn(shape) * 1.5 + 0.2).half()
+    g = torch.randn(shape).half()
+    make = _module(name, params, shape, cd)
+    assert _uses_triton(make(), x.clone().requires_grad_())
+    (got, sg, wg), (want, sw, ww) = _run("triton", make, x, g=g), _run("eager", make, x, g=g)
+    assert wg == ww
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if i % 3 == 2 and i < 9:  # ∂L/∂α
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        else:
+            assert a.dtype == torch.float16
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    for k in sw:
+        if sw[k] is not None:
+            torch.testing.assert_close(sg[k], sw[k], rtol=2e-5, atol=2e-5, msg=k)
+
+
 @pytest.mark.parametrize("name,params", ACTS)
 @pytest.mark.parametrize("cd", [None, 1, -1])
 def test_triton_bf16_against_float64(name, params, cd):
@@ -219,16 +243,18 @@ def test_triton_against_float64(name, params):
         np.testing.assert_allclose(a.double().numpy(), b.numpy(), rtol=2e-5, atol=2e-6 * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cd", [None, 1])
-def test_triton_output_saving_and_ties_match_eager(cd):
+def test_triton_output_saving_and_ties_match_eager(cd, dtype):
     """ReLU saving its output, with elements whose δ(x) > 0 rounds onto s·(0 − μ): the
     output keeps them off that value, and the same elements get a gradient."""
     torch.manual_seed(6)
     shape = (4, 3, 4, 4)
     x = torch.randn(shape) * 0.5 + 0.1
     x.view(-1)[:3] = 0.0
-    x.view(-1)[3:6] = 1e-9
-    g = torch.randn(shape)
+    x.view(-1)[3:6] = 1e-9 if dtype is torch.float32 else 1e-4  # ties in each dtype
+    x, g = x.to(dtype), torch.randn(shape).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     results = {}
     for backend in ("triton", "eager"):
         module = anact.NReLU(None if cd is None else shape[cd], channel_dim=cd,
@@ -242,10 +268,11 @@ def test_triton_output_saving_and_ties_match_eager(cd):
         assert (backend == "triton") == type(out.grad_fn).__name__.startswith("Triton")
         results[backend] = (out.detach(), xi.grad, module.alpha.grad)
     (o_t, gx_t, ga_t), (o_e, gx_e, ga_e) = results["triton"], results["eager"]
-    torch.testing.assert_close(o_t, o_e, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx_t, gx_e, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ga_t, ga_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o_t, o_e, rtol=tol, atol=tol / 10)
+    torch.testing.assert_close(gx_t, gx_e, rtol=tol, atol=tol / 10)
+    torch.testing.assert_close(ga_t, ga_e, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
     assert torch.equal(gx_t == 0, gx_e == 0)  # the same elements counted as δ(x) > 0
+    assert torch.equal(gx_t == 0, x <= 0)
 
 
 def test_triton_saves_what_the_plain_op_saves():

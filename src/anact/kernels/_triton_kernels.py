@@ -30,15 +30,39 @@ def _act(x, KIND: tl.constexpr, p0, p1):
 
 
 @triton.jit
-def _storable(v, BF16: tl.constexpr):
-    """float32 v as the value a store into the output's dtype keeps: for bfloat16 rounded
-    here to nearest, ties to even (NaN kept), so that the cast is exact on every backend
-    (a GPU rounds so itself; Triton's interpreter would truncate)."""
-    if BF16:
+def _storable(v, STORE: tl.constexpr):
+    """float32 v rounded to the storage dtype (STORE: 0 float32, 1 bfloat16, 2 float16)
+    and held in float32: what a store keeps, and s, μ as the eager op casts them. bfloat16
+    is rounded here to nearest, ties to even (NaN kept), so that the cast at a store is
+    exact on every backend (a GPU rounds so itself; Triton's interpreter truncates)."""
+    if STORE == 1:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    elif STORE == 2:
+        v = v.to(tl.float16).to(tl.float32)
     return v
+
+
+@triton.jit
+def _next_after(t, up, STORE: tl.constexpr):
+    """The storage-dtype value next to t (a storage value held in float32) toward +inf
+    where ``up``, else toward −inf (torch.nextafter in that dtype, for finite t)."""
+    if STORE == 2:
+        bits = t.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        step, tiny_neg = 1, -32767  # 0x8001: −(smallest subnormal)
+    elif STORE == 1:
+        bits = t.to(tl.int32, bitcast=True)
+        step, tiny_neg = 0x10000, -2147418112  # 0x80010000
+    else:
+        bits = t.to(tl.int32, bitcast=True)
+        step, tiny_neg = 1, -2147483647  # 0x80000001
+    # sign and magnitude: away from 0 is +step where t moves in its own sign's direction
+    moved = tl.where(t == 0.0, tl.where(up, step, tiny_neg),
+                     tl.where((t > 0.0) == up, bits + step, bits - step))
+    if STORE == 2:
+        return moved.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return moved.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -225,45 +249,49 @@ def finish_kernel(part_ptr, pilot_ptr, P, C, count, const_ptr, rr_ptr, rrp_ptr, 
 
 
 @triton.jit
-def affine_kernel(x_ptr, out_ptr, s_ptr, b_ptr, lo_ptr, hi_ptr, R, C, inner, p0, p1,
-                  KIND: tl.constexpr, NUDGE: tl.constexpr, BF16: tl.constexpr,
-                  LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Forward pass 2: out = (δ(x) − b)·s (eq. 15); with NUDGE, outputs with δ(x) > 0
-    clamped to [lo, hi], which moves only those that round onto t = (0 − b)·s."""
+def affine_kernel(x_ptr, out_ptr, s_ptr, b_ptr, R, C, inner, p0, p1, KIND: tl.constexpr,
+                  NUDGE: tl.constexpr, STORE: tl.constexpr, LAYOUT: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Forward pass 2: out = (δ(x) − b)·s (eq. 15), s and b cast to the storage dtype
+    first as the eager op casts them. With NUDGE (the output-saving ReLU), outputs with
+    δ(x) > 0 are clamped to the storage values next to t = (0 − b)·s on their side,
+    which moves only those that would round onto t (anact.functional._tie_bounds)."""
     offs, mask, c = _tile(tl.program_id(0), tl.program_id(1), R, C, inner, LAYOUT,
                           BLOCK_R, BLOCK_C)
     cmask = c < C
-    s = tl.load(s_ptr + c, mask=cmask, other=0.0)
-    b = tl.load(b_ptr + c, mask=cmask, other=0.0)
+    s = _storable(tl.load(s_ptr + c, mask=cmask, other=0.0), STORE)
+    b = _storable(tl.load(b_ptr + c, mask=cmask, other=0.0), STORE)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y, _ = _act(x, KIND, p0, p1)
     out = (y - b[None, :]) * s[None, :]
     if NUDGE:
-        lo = tl.load(lo_ptr + c, mask=cmask, other=0.0)
-        hi = tl.load(hi_ptr + c, mask=cmask, other=0.0)
+        t = _storable(-b * s, STORE)
+        lo = tl.where(s > 0.0, _next_after(t, s > 0.0, STORE), -float("inf"))
+        hi = tl.where(s < 0.0, _next_after(t, s > 0.0, STORE), float("inf"))
         clamped = tl.where(out < lo[None, :], lo[None, :], out)
         clamped = tl.where(clamped > hi[None, :], hi[None, :], clamped)
         out = tl.where(y > 0.0, clamped, out)
-    tl.store(out_ptr + offs, _storable(out, BF16).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _storable(out, STORE).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def backward_kernel(src_ptr, g_ptr, gx_ptr, part_ptr, s_ptr, b_ptr, R, C, inner, p0, p1,
                     KIND: tl.constexpr, FROM_OUTPUT: tl.constexpr, NEED_X: tl.constexpr,
-                    NEED_SCALE: tl.constexpr, BF16: tl.constexpr, LAYOUT: tl.constexpr,
+                    NEED_SCALE: tl.constexpr, STORE: tl.constexpr, LAYOUT: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Backward: ∂L/∂x = g·δ'·s and per tile and channel the ∂L/∂s partial sum
-    Σ g·(δ(x) − b) (from x) or Σ g·out (from the output; b holds t = (0 − b)·s there,
-    and δ' = p0 where sign(out − t)·sign(s) > 0, else p1), appendix eq. 36–37, 41–42."""
+    Σ g·(δ(x) − b) (from x) or Σ g·out (from the output, where δ' = p0 where
+    sign(out − t)·sign(s) > 0, else p1, with t = (0 − b)·s as the forward stored it),
+    appendix eq. 36–37, 41–42; s, b cast to the storage dtype as in the forward."""
     pid_r = tl.program_id(0)
     offs, mask, c = _tile(pid_r, tl.program_id(1), R, C, inner, LAYOUT, BLOCK_R, BLOCK_C)
     cmask = c < C
-    s = tl.load(s_ptr + c, mask=cmask, other=0.0)
-    b = tl.load(b_ptr + c, mask=cmask, other=0.0)
+    s = _storable(tl.load(s_ptr + c, mask=cmask, other=0.0), STORE)
+    b = _storable(tl.load(b_ptr + c, mask=cmask, other=0.0), STORE)
     v = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FROM_OUTPUT:
-        dv = v - b[None, :]
+        dv = v - _storable(-b * s, STORE)[None, :]
         sign_s = tl.where(s > 0.0, 1.0, tl.where(s < 0.0, -1.0, 0.0))
         sign_dv = tl.where(dv > 0.0, 1.0, tl.where(dv < 0.0, -1.0, 0.0))  # 0 for NaN
         d = tl.where(sign_dv * sign_s[None, :] > 0.0, p0, p1)
@@ -273,7 +301,7 @@ def backward_kernel(src_ptr, g_ptr, gx_ptr, part_ptr, s_ptr, b_ptr, R, C, inner,
         term = g * (y - b[None, :])
     if NEED_X:
         gx = g * d * s[None, :]
-        tl.store(gx_ptr + offs, _storable(gx, BF16).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, _storable(gx, STORE).to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_SCALE:
         term = tl.where(mask, term, 0.0)
         tl.store(part_ptr + pid_r.to(tl.int64) * C + c, tl.sum(term, axis=0), mask=cmask)

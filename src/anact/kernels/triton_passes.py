@@ -48,7 +48,7 @@ from anact.kernels import native
 __all__ = ["available", "interpreting", "plan_call", "forward", "TritonNormalizedActivationFn",
            "TILE"]
 
-_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+_STORE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' STORE
 TILE = 2048  # elements per program of the element-wise kernels
 FINISH_BLOCK_P, FINISH_BLOCK_C = 64, 64
 
@@ -76,7 +76,7 @@ def plan_call(
 ) -> native.Plan | None:
     """``(kind, layout, order)`` for :func:`forward` when the Triton kernels can run this
     call, else None (``channel_dim`` normalized to 0..dim-1 or None)."""
-    if mask is not None or x.dtype not in _STORAGE or x.numel() == 0 or not available():
+    if mask is not None or x.dtype not in _STORE or x.numel() == 0 or not available():
         return None
     if not (x.is_cuda or (x.is_cpu and interpreting())):
         return None
@@ -256,7 +256,7 @@ def _finish(
     shift_dtype = mean.dtype if has_running else torch.float32
     lam = torch.empty(c, dtype=alpha.dtype, device=device)
     shift = torch.empty(c, dtype=shift_dtype, device=device)
-    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    bad = torch.empty(1, dtype=torch.int32, device=device)  # always written
     low, high = bounds if bounds is not None else (0.0, 0.0)
     consts = _constants(device, 0.0 if momentum is None else float(momentum), float(low),
                         float(high), 0.0 if eps is None else float(eps))  # fmt: skip
@@ -291,16 +291,13 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
         K = _kernels()
         (kind, p0, p1), (outer, c, inner), _ = plan
         layout, block_r, block_c = _tiling(c, inner)
-        s, b = native._per_channel(scale, c, x.dtype), native._per_channel(shift, c, x.dtype)
-        lo = hi = s
-        if save_output:
-            _, lo, hi = AF._tie_bounds(s.to(x.dtype), b.to(x.dtype))
-            lo, hi = lo.float(), hi.float()
+        # float32 (C,) values; the kernel casts them to x's dtype as the eager op does
+        s, b = native._per_channel(scale, c), native._per_channel(shift, c)
         out = torch.empty_like(x)
         with _device_of(x):
             K.affine_kernel[_grid(outer * inner, c, block_r, block_c)](
-                x.detach(), out, s, b, lo, hi, outer * inner, c, inner, p0, p1, KIND=kind,
-                NUDGE=bool(save_output), BF16=x.dtype is torch.bfloat16, LAYOUT=layout,
+                x.detach(), out, s, b, outer * inner, c, inner, p0, p1, KIND=kind,
+                NUDGE=bool(save_output), STORE=_STORE[x.dtype], LAYOUT=layout,
                 BLOCK_R=block_r, BLOCK_C=block_c,
             )  # fmt: skip
         return out
@@ -339,9 +336,7 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
             g.permute(order) if order else g
         ).is_contiguous():
             g = torch.empty_like(saved).copy_(g)  # into the layout of x
-        s, b = native._per_channel(scale, c, storage), native._per_channel(shift, c, storage)
-        if ctx.saved_output:  # compared with t = (0 − b)·s formed as the forward formed it
-            b = ((-b.to(storage)) * s.to(storage)).float()
+        s, b = native._per_channel(scale, c), native._per_channel(shift, c)
         grad_x = torch.empty_like(saved) if need_x else saved
         grid = _grid(rows, c, block_r, block_c)
         part = torch.empty((grid[0], c) if need_scale else (1,), dtype=torch.float32,
@@ -350,13 +345,13 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
             K.backward_kernel[grid](
                 saved, g, grad_x, part, s, b, rows, c, inner, p0, p1, KIND=kind,
                 FROM_OUTPUT=ctx.saved_output, NEED_X=need_x, NEED_SCALE=need_scale,
-                BF16=storage is torch.bfloat16, LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
+                STORE=_STORE[storage], LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
             )  # fmt: skip
         grad_scale = None
         if need_scale:
             total = part.sum(0, dtype=torch.float64).to(scale.dtype).reshape(scale.shape)
             if ctx.saved_output:  # Σ g·out / s, with the s the forward multiplied with
-                total = total / s.to(scale.dtype).reshape(scale.shape)
+                total = total / scale.detach().to(storage).to(scale.dtype)
             grad_scale = total
         return (grad_x if need_x else None), grad_scale, None, None, None, None, None
 
