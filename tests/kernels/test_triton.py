@@ -372,6 +372,10 @@ def test_triton_steps_aside_where_it_does_not_apply(monkeypatch):
             assert not type(out.grad_fn).__name__.startswith("Triton")
         out = torch.func.vmap(lambda t: anact.NReLU(track_running_stats=False)(t))(x[None])
         assert out.shape == (1, 6, 5)
+    # more channel tiles than a CUDA grid's second dimension holds (65535)
+    relu = anact.NReLU().activation
+    assert triton_passes.plan_call(torch.empty(2, 70000, 2), relu, 1, None) is None
+    assert triton_passes.plan_call(torch.empty(2, 60000, 2), relu, 1, None) is not None
     # on CPU without the interpreter: the native passes (the default's CPU path)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with K.backend("triton"):

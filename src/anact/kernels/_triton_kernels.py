@@ -12,8 +12,8 @@ general one with a division).
 import triton
 import triton.language as tl
 
-KIND_SIGN, KIND_SWISH = 0, 1  # as anact.kernels.native
-LAYOUT_FLAT, LAYOUT_LAST, LAYOUT_GENERAL = 0, 1, 2
+# KIND as anact.kernels.native's KIND_SIGN (0), KIND_SWISH (1); LAYOUT as
+# triton_passes.LAYOUT_FLAT (0), LAYOUT_LAST (1), LAYOUT_GENERAL (2)
 
 
 @triton.jit

@@ -51,6 +51,7 @@ __all__ = ["available", "interpreting", "plan_call", "forward", "TritonNormalize
 _STORE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' STORE
 TILE = 2048  # elements per program of the element-wise kernels
 FINISH_BLOCK_P, FINISH_BLOCK_C = 64, 64
+LAYOUT_FLAT, LAYOUT_LAST, LAYOUT_GENERAL = 0, 1, 2  # the kernels' LAYOUT (see _tile there)
 
 
 @functools.cache
@@ -86,8 +87,11 @@ def plan_call(
     if order is None:
         return None
     layout = native._layout(x, channel_dim, order)
-    if layout[0] * layout[2] < 2 or layout[0] * layout[2] >= 2**31:
+    outer, c, inner = layout
+    if outer * inner < 2 or outer * inner >= 2**31:
         return None
+    if _grid(outer * inner, c, *_tiling(c, inner)[1:])[1] > 65535:
+        return None  # CUDA caps a grid's second dimension (the channel tiles) at 65535
     kind = native.native_kind(act)
     return None if kind is None else (kind, layout, order)
 
@@ -96,13 +100,12 @@ def _tiling(c: int, inner: int) -> tuple[int, int, int]:
     """(LAYOUT, BLOCK_R, BLOCK_C) of the element-wise kernels for an (outer, c, inner)
     layout: per tensor flat tiles; channels last (inner = 1) tiles across channels,
     so that a tile's rows are contiguous; else one channel per tile."""
-    K = _kernels()
     if c == 1:
-        return K.LAYOUT_FLAT, TILE, 1
+        return LAYOUT_FLAT, TILE, 1
     if inner == 1:
         block_c = min(1 << (c - 1).bit_length(), 64)
-        return K.LAYOUT_LAST, TILE // block_c, block_c
-    return K.LAYOUT_GENERAL, TILE, 1
+        return LAYOUT_LAST, TILE // block_c, block_c
+    return LAYOUT_GENERAL, TILE, 1
 
 
 def _grid(rows: int, c: int, block_r: int, block_c: int) -> tuple[int, int]:
