@@ -92,8 +92,10 @@ def _numel(x: Tensor, dims: list[int]) -> int:
 
 def _is_scratch(t: Tensor, *others: Tensor) -> bool:
     """Whether t is a fresh, dense buffer of others[0]'s shape that may be overwritten."""
-    if _is_compiling() or _kernels._transforms_active():
-        return False  # the compiler plans buffers itself; vmap cannot batch out= writes
+    if _is_compiling() or _kernels._transforms_active() or _is_recording():
+        # the compiler plans buffers itself; vmap cannot batch out= writes; a trace would
+        # see the shape test as a tensor comparison
+        return False
     ref = others[0]
     try:
         return (

@@ -206,7 +206,8 @@ class NormalizedActivation(nn.Module):
             self.num_batches_skipped = torch.zeros_like(skipped, device=tracked.device)
 
     def _check_input(self, x: Tensor) -> None:
-        if self.channel_dim is not None:
+        if self.channel_dim is not None and not AF._is_recording():  # (a trace's shapes
+            # are tensors: the checks would be TracerWarnings; the eager run checked them)
             if not -x.dim() <= self.channel_dim < x.dim():
                 raise ValueError(
                     f"expected an input with a channel dimension {self.channel_dim}, "
@@ -324,6 +325,18 @@ class NormalizedActivation(nn.Module):
                 hook(self, moments)
 
         return observe
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` asks each module for this before compiling: the forward
+        (batch statistics, running update, fast paths) is Python that TorchScript cannot
+        compile, so the answer is an error that says what to script instead."""
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__} (its forward computes "
+            "batch statistics and updates running ones in Python); what to do: script "
+            "anact.fold(model.eval()) or anact.fold(model, mode='modules'), the inference "
+            "copy in which each normalized activation is its fixed (δ(x) − μ)·s; or use "
+            "torch.compile (training), torch.export or torch.jit.trace (inference)."
+        )
 
     def scale(self) -> Tensor:
         """The current factor λ + β·tanh(α) from the running statistics (eq. 15)."""

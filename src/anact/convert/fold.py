@@ -61,6 +61,21 @@ def _commuting_pool(m: nn.Module) -> str | None:
     return None
 
 
+class _Delta(nn.Module):
+    """δ for an activation the registry knows no torch module for (Python: not
+    compilable by TorchScript)."""
+
+    def __init__(self, activation: Activation) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activation.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.activation.name
+
+
 class FoldedActivation(nn.Module):
     """(δ(x) − shift)·scale with fixed buffers (the eval form of eq. 15).
 
@@ -72,32 +87,52 @@ class FoldedActivation(nn.Module):
 
     Shape: any input (with C channels in ``channel_dim`` when per channel); output
     has the input's shape and dtype.
+
+    δ runs as its torch module (``nn.ReLU``, ``nn.SiLU``, ...; ``activation.module``),
+    so that ``torch.jit.script`` compiles this module (and a folded model).
     """
+
+    __jit_ignored_attributes__ = ["activation"]  # the Python description; δ is .delta
 
     def __init__(self, activation: Activation, scale: Tensor | None, shift: Tensor | None,
                  channel_dim: int | None = None) -> None:
         super().__init__()
         self.activation = activation
+        self.delta = activation.module() if activation.module is not None else _Delta(activation)
         self.channel_dim = channel_dim
         self.register_buffer("scale", None if scale is None else scale.detach().clone())
         self.register_buffer("shift", None if shift is None else shift.detach().clone())
 
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
-        if self.channel_dim is None or t.dim() == 0:
+        cd = self.channel_dim
+        if cd is None or t.dim() == 0:
             return t.to(x.dtype)
         shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
+        shape[cd] = -1
         return t.to(x.dtype).reshape(shape)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` is accepted (as by NormalizedActivation) and ignored: it only
         ever changed the training statistics."""
-        y = self.activation.fn(x)
-        if self.shift is not None:
-            y = y - self._view(self.shift, x)
-        if self.scale is not None:
-            y = y * self._view(self.scale, x)
+        y = self.delta(x)
+        shift = self.shift
+        if shift is not None:
+            y = y - self._view(shift, x)
+        scale = self.scale
+        if scale is not None:
+            y = y * self._view(scale, x)
         return y
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: a clear error where δ has no torch module."""
+        if isinstance(self.delta, _Delta):
+            raise RuntimeError(
+                f"torch.jit.script cannot compile the activation {self.activation.name!r}: "
+                "it has no torch module (Activation.module) to compute δ. Register it with "
+                "module=... (a scriptable nn.Module computing δ), or export with "
+                "torch.export or torch.jit.trace instead."
+            )
+        return self
 
     def extra_repr(self) -> str:
         parts = [self.activation.name]

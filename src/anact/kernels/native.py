@@ -156,18 +156,19 @@ def plan_call(
     """``(kind, layout, order)`` for :func:`forward` when the native passes can run this
     call (see the module docstring), else None. ``channel_dim`` is normalized to 0..dim-1
     (or None)."""
-    if _nactcpu is None or mask is not None or x.dtype not in _STORAGE:
+    if _nactcpu is None or mask is not None or x.dtype not in _STORAGE or not x.is_cpu:
         return None
-    if not x.is_cpu or x.numel() == 0:
+    # a trace or export would record the C calls as opaque constants (and, first, would
+    # see the size checks below as tensor comparisons, with a TracerWarning each)
+    if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
+        return None
+    if x.numel() == 0:
         return None
     order = _memory_order(x)
     if order is None:
         return None
     layout = _layout(x, channel_dim, order)
     if layout[0] * layout[2] < 2:  # fewer than 2 elements per statistic
-        return None
-    # a trace or export would record the C calls as opaque constants
-    if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
         return None
     kind = native_kind(act)
     return None if kind is None else (kind, layout, order)

@@ -77,11 +77,13 @@ def plan_call(
 ) -> native.Plan | None:
     """``(kind, layout, order)`` for :func:`forward` when the Triton kernels can run this
     call, else None (``channel_dim`` normalized to 0..dim-1 or None)."""
-    if mask is not None or x.dtype not in _STORE or x.numel() == 0 or not available():
+    if mask is not None or x.dtype not in _STORE or not available():
         return None
     if not (x.is_cuda or (x.is_cpu and interpreting())):
         return None
     if torch.compiler.is_compiling() or _transforms_active() or AF._is_recording():
+        return None
+    if x.numel() == 0:
         return None
     order = native._memory_order(x)
     if order is None:
