@@ -226,6 +226,38 @@ def test_post_addition_detection_in_modules_mode():
     assert [s.site for s in rep.converted] == ["a1"]
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("mode", ["graph", "modules"])
+def test_in_place_residual_addition_counts_for_rule_3(mode, inplace):
+    """``out.add_(identity); relu(out)``: the activation reads a residual sum although
+    its input node is ``out`` (the in-place call's result is not used); an in-place
+    addition after the activation does not count."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.a1, self.a2 = nn.ReLU(inplace=inplace), nn.ReLU()
+
+        def forward(self, x):
+            out = self.fc1(x)
+            out.add_(x)  # residual, in place
+            h = self.a1(out)
+            g = self.fc2(h)
+            z = self.a2(g)  # reads g before the addition below
+            g.add_(h)
+            return self.head(z + g)
+
+    x = torch.randn(3, 4, requires_grad=True)  # computed, as a block's input is
+    _, rep = anact.convert(Block(), mode=mode, example_inputs=(x,), return_report=True)
+    assert [r.site for r in rep.converted] == ["a2"] and [r.site for r in rep.skipped] == ["a1"]
+    assert "element-wise addition" in rep.skipped[0].reason
+    _, rep = anact.convert(Block(), mode=mode, example_inputs=(x,), return_report=True,
+                           skip_after_residual_add=False)  # fmt: skip
+    # (graph mode leaves an in-place call whose input is used again: out.add_ reads it)
+    assert len(rep.converted) == (1 if inplace and mode == "graph" else 2)
+
+
 def test_buffer_bn_for_sequence_inputs():
     bn = FeatureBatchNorm(5)
     x = torch.randn(3, 7, 5, dtype=torch.float64)

@@ -159,6 +159,24 @@ def is_tensor_add(node: fx.Node) -> bool:
     )
 
 
+def added_to_before(src: fx.Node, node: fx.Node) -> bool:
+    """Whether ``src`` is a residual sum where ``node`` reads it: ``src`` adds two
+    computed tensors, or an in-place addition on it (``out.add_(identity)``, whose
+    result the code ignores and reads ``out`` again) runs before ``node``."""
+    if is_tensor_add(src):
+        return True
+    for user in src.users:
+        if not (user.op == "call_method" and user.target == "add_" and user.args[0] is src
+                and is_tensor_add(user)):  # fmt: skip
+            continue
+        later = user.next
+        while later.op != "root":  # graph order: does node come after the addition?
+            if later is node:
+                return True
+            later = later.next
+    return False
+
+
 def input_node(node: fx.Node) -> fx.Node | None:
     """The first (tensor) argument of a call node."""
     if node.args and isinstance(node.args[0], fx.Node):

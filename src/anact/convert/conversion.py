@@ -29,9 +29,9 @@ from anact.convert._sites import (
     FeatureBatchNorm,
     Site,
     Tracer,
+    added_to_before,
     find_site,
     input_node,
-    is_tensor_add,
     scope_of,
     unique_name,
 )
@@ -349,7 +349,7 @@ def _convert_graph(model, activation, kinds, remove_bn_affine, buffer_bn, skip_a
         reason = ""
         if site.unsupported:
             reason = site.unsupported
-        elif skip_add and src is not None and is_tensor_add(src):
+        elif skip_add and src is not None and added_to_before(src, node):
             reason = "right after an element-wise addition (rule 3, skip_after_residual_add)"
         elif site.inplace and src is not None and len(src.users) > 1:
             reason = "in-place call whose input is used again; converting would change aliasing"
@@ -490,18 +490,26 @@ class _Call:
     module: nn.Module
     inp: Any
     out: Any
+    after_add: bool = False  # the input was a sum of two computed tensors at the call
 
 
 def _record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[_Call]:
     calls: list[_Call] = []
+    pending: list[bool] = []  # after_add of the calls under way (leaves: at most one)
     handles = []
     for name, m in model.named_modules():
         if next(iter(m.children()), None) is not None:
             continue  # leaves only
 
-        def hook(mod, args, out, name=name):
-            calls.append(_Call(name, mod, args[0] if args else None, out))
+        def before(mod, args, name=name):
+            # at the call: an in-place addition later (g.add_(h)) or an in-place
+            # activation (ReLU(inplace=True)) changes the input's grad_fn afterwards
+            pending.append(_grad_fn_is_tensor_add(args[0]) if args else False)
 
+        def hook(mod, args, out, name=name):
+            calls.append(_Call(name, mod, args[0] if args else None, out, pending.pop()))
+
+        handles.append(m.register_forward_pre_hook(before))
         handles.append(m.register_forward_hook(hook))
     was = model.training
     model.eval()  # no running statistic changes
@@ -560,7 +568,7 @@ def _convert_modules(model, activation, kinds, remove_bn_affine, buffer_bn, skip
             reason = f"called {n_calls[id(c.module)]} times per forward; use mode='graph'"
         elif isinstance(c.module, nn.GELU) and c.module.approximate != "none":
             reason = f"GELU(approximate={c.module.approximate!r}) is not the exact GELU"
-        elif skip_add and _grad_fn_is_tensor_add(c.inp):
+        elif skip_add and c.after_add:
             reason = "right after an element-wise addition (rule 3, skip_after_residual_add)"
         if reason:
             report.sites.append(SiteRecord(name, kind[0], "skipped", reason))
