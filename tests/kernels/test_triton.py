@@ -1,9 +1,10 @@
 """The Triton kernels (backend ``"triton"``) against the eager reference and float64.
 
 They run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here
-before the kernels are first imported), with or without a GPU; the test marked ``gpu``
-runs them compiled on a CUDA device, in a child process without the interpreter.
-Skipped where the ``triton`` package is not installed.
+before the kernels are first imported), with or without a GPU. Without the interpreter
+(in child processes): every kernel configuration is compiled for an H100 (sm_90, to a
+cubin by Triton's bundled ptxas; no GPU needed), and the test marked ``gpu`` runs them
+on a CUDA device. Skipped where the ``triton`` package is not installed.
 """
 
 import math
@@ -13,7 +14,8 @@ import sys
 import warnings
 
 CUDA_CHILD = os.environ.get("ANACT_TRITON_CUDA_CHILD") == "1"
-if not CUDA_CHILD:
+AOT_CHILD = os.environ.get("ANACT_TRITON_AOT_CHILD") == "1"
+if not (CUDA_CHILD or AOT_CHILD):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anact's kernels import triton.jit
 
 import numpy as np  # noqa: E402
@@ -382,18 +384,80 @@ def test_triton_steps_aside_where_it_does_not_apply(monkeypatch):
         assert type(anact.NReLU()(x).grad_fn).__name__.startswith("Native")
 
 
+def _child(case: str, flag: str) -> subprocess.CompletedProcess:
+    """This file's tests matching ``case``, in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[flag] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         case], env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
+        timeout=1800,
+    )  # fmt: skip
+
+
+def test_triton_kernels_compile_for_a_gpu():
+    """What the interpreter does not check: that Triton's GPU compiler takes every
+    kernel configuration (types, constexpr branches, bit casts) down to a cubin."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    done = _child("aot_case", "ANACT_TRITON_AOT_CHILD")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+if AOT_CHILD:  # collected only in the child process of the test above
+
+    def test_aot_case():
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile
+
+        from anact.kernels import _triton_kernels as TK
+
+        def build(fn, types, consts):
+            names = fn.arg_names
+            sig = {n: types.get(n, "constexpr") for n in names}
+            src = ASTSource(fn=fn, signature=sig,
+                            constexprs={(names.index(k),): v for k, v in consts.items()})
+            kernel = compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=triton_passes.EXACT)  # fmt: skip
+            assert kernel.asm["cubin"]
+
+        scalars = {"R": "i32", "C": "i32", "inner": "i32", "p0": "fp32", "p1": "fp32"}
+        for store, ptr in ((0, "*fp32"), (1, "*bf16"), (2, "*fp16")):
+            for layout, kind in ((0, 0), (1, 1), (2, store % 2)):
+                bc = 4 if layout == 1 else 1
+                tiles = {"LAYOUT": layout, "BLOCK_R": triton_passes.TILE // bc, "BLOCK_C": bc}
+                build(TK.stats_kernel, {"x_ptr": ptr, "part_ptr": "*fp32", "pilot_ptr": "*fp32",
+                                        **scalars}, {"KIND": kind, **tiles})  # fmt: skip
+                build(TK.affine_kernel, {"x_ptr": ptr, "out_ptr": ptr, "s_ptr": "*fp32",
+                                         "b_ptr": "*fp32", **scalars},
+                      {"KIND": kind, "NUDGE": kind == 0, "STORE": store, **tiles})
+                build(TK.backward_kernel, {"src_ptr": ptr, "g_ptr": ptr, "gx_ptr": ptr,
+                                           "part_ptr": "*fp32", "s_ptr": "*fp32",
+                                           "b_ptr": "*fp32", **scalars},
+                      {"KIND": kind, "FROM_OUTPUT": kind == 0, "NEED_X": True,
+                       "NEED_SCALE": layout != 2, "STORE": store, **tiles})  # fmt: skip
+        flags = [(True, True, True, False, True, False), (True, True, True, True, False, True),
+                 (True, False, True, False, True, False), (False, True, False, False, True, False)]
+        for buf in ("*fp32", "*fp64"):
+            for batch, running, training, cumulative, bounds, per_channel in flags:
+                build(TK.finish_kernel,
+                      {"part_ptr": "*fp32", "pilot_ptr": "*fp32", "P": "i32", "C": "i32",
+                       "count": "i64", "const_ptr": "*fp64", "rr_ptr": buf, "rrp_ptr": buf,
+                       "rm_ptr": buf, "nbt_ptr": "*i64", "lam_ptr": "*fp32", "shift_ptr": buf,
+                       "bad_ptr": "*i32"},
+                      {"HAS_BATCH": batch, "HAS_RUNNING": running, "TRAINING": training,
+                       "CUMULATIVE": cumulative, "HAS_BOUNDS": bounds,
+                       "COUNT_PER_CHANNEL": per_channel, "CENTER": buf == "*fp32",
+                       "HAS_EPS": True, "BLOCK_P": triton_passes.FINISH_BLOCK_P,
+                       "BLOCK_C": triton_passes.FINISH_BLOCK_C})  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_cuda_matches_eager():
     """The kernels compiled for the GPU: :func:`compiled_cuda_case` in a child process
     (this one interprets them)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["ANACT_TRITON_CUDA_CHILD"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "compiled_cuda_case"], env=env, cwd=os.path.dirname(__file__), capture_output=True,
-        text=True, timeout=1800,
-    )  # fmt: skip
+    done = _child("compiled_cuda_case", "ANACT_TRITON_CUDA_CHILD")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 

@@ -52,6 +52,9 @@ _STORE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels'
 TILE = 2048  # elements per program of the element-wise kernels
 FINISH_BLOCK_P, FINISH_BLOCK_C = 64, 64
 LAYOUT_FLAT, LAYOUT_LAST, LAYOUT_GENERAL = 0, 1, 2  # the kernels' LAYOUT (see _tile there)
+# every operation rounded on its own, as the eager op's: no multiply-add contraction
+# (which would, e.g., round Swish's x·σ(x) − μ once instead of twice)
+EXACT = {"enable_fp_fusion": False}
 
 
 @functools.cache
@@ -202,7 +205,8 @@ def forward(
             part = torch.empty((grid[0], c, 5), dtype=torch.float32, device=x.device)
             pilot = torch.empty((c, 2), dtype=torch.float32, device=x.device)
             K.stats_kernel[grid](xd, part, pilot, rows, c, inner, p0, p1, KIND=kind,
-                                 LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c)  # fmt: skip
+                                 LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
+                                 **EXACT)  # fmt: skip
         if (on_moments is None and reduce_moments is None
                 and _finish_applies(buffers, alpha, c, x.device)):  # fmt: skip
             scale, shift = _finish(part, pilot, rows, c, per_channel, buffers, alpha,
@@ -275,7 +279,7 @@ def _finish(
         CUMULATIVE=momentum is None, HAS_BOUNDS=bounds is not None,
         COUNT_PER_CHANNEL=has_running and tracked.dim() > 0 and tracked.numel() == c,
         CENTER=center, HAS_EPS=eps is not None, BLOCK_P=FINISH_BLOCK_P,
-        BLOCK_C=FINISH_BLOCK_C,
+        BLOCK_C=FINISH_BLOCK_C, **EXACT,
     )  # fmt: skip
     if part is not None and has_running and training:
         torch.autograd.graph.increment_version(buffers)  # written in place by the kernel
@@ -303,7 +307,7 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
             K.affine_kernel[_grid(outer * inner, c, block_r, block_c)](
                 x.detach(), out, s, b, outer * inner, c, inner, p0, p1, KIND=kind,
                 NUDGE=bool(save_output), STORE=_STORE[x.dtype], LAYOUT=layout,
-                BLOCK_R=block_r, BLOCK_C=block_c,
+                BLOCK_R=block_r, BLOCK_C=block_c, **EXACT,
             )  # fmt: skip
         return out
 
@@ -351,6 +355,7 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
                 saved, g, grad_x, part, s, b, rows, c, inner, p0, p1, KIND=kind,
                 FROM_OUTPUT=ctx.saved_output, NEED_X=need_x, NEED_SCALE=need_scale,
                 STORE=_STORE[storage], LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
+                **EXACT,
             )  # fmt: skip
         grad_scale = None
         if need_scale:
