@@ -565,53 +565,71 @@ def test_native_double_backward_matches_eager(per_channel):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_native_hooks_get_moments_like_eager():
-    """on_moments (the monitor) and reduce_moments (distributed) see the same moments."""
+@pytest.mark.parametrize("channels", [None, 3])
+def test_native_hooks_get_moments_like_eager(channels):
+    check_hooks_get_moments_like_eager("native", channels)
+
+
+def check_hooks_get_moments_like_eager(backend, channels):
+    """on_moments (the monitor) and reduce_moments (distributed) see the same moments
+    on ``backend`` as on eager, and the running statistics agree (also run by
+    tests/kernels/test_triton.py)."""
     torch.manual_seed(8)
     x = torch.randn(4, 3, 5, 5)
+    shape = () if channels is None else (channels,)
     seen = {}
-    for backend in ("native", "eager"):
+    for name in (backend, "eager"):
         got = []
 
         def reduce(m, got=got):
             got.append(m)
             return AF.BatchMoments(*(t * 1 for t in m))
 
-        rr, rrp, rm = torch.ones(()), torch.ones(()), torch.zeros(())
+        rr, rrp, rm = torch.ones(shape), torch.ones(shape), torch.zeros(shape)
         nbt = torch.zeros((), dtype=torch.long)
-        with K.backend(backend):
-            AF.normalized_activation(x, "swish", rr, rrp, rm, nbt, torch.zeros(()), training=True,
-                                     reduce_moments=reduce, on_moments=got.append)  # fmt: skip
-        seen[backend] = (got, rr.clone(), rrp.clone(), rm.clone())
-    (gn, *rn), (ge, *re) = seen["native"], seen["eager"]
+        with K.backend(name):
+            out = AF.normalized_activation(
+                x.requires_grad_(), "swish", rr, rrp, rm, nbt, torch.zeros(shape),
+                training=True, channel_dim=None if channels is None else 1,
+                reduce_moments=reduce, on_moments=got.append,
+            )  # fmt: skip
+        assert type(out.grad_fn).__name__.lower().startswith(name.replace("eager", "_"))
+        seen[name] = (got, rr.clone(), rrp.clone(), rm.clone())
+    (gn, *rn), (ge, *re) = seen[backend], seen["eager"]
     assert len(gn) == len(ge) == 2
     for mn, me in zip(gn, ge, strict=True):
         for a, b in zip(mn, me, strict=True):
+            assert a.shape == b.shape
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(rn, re, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_native_model_training_matches_eager_over_steps():
-    """A small conv net with NSwish and NReLU trained five SGD steps on either path."""
+    check_model_training_matches_eager("native")
+
+
+def check_model_training_matches_eager(backend):
+    """A small conv net with NSwish and NReLU trained five SGD steps on ``backend`` and
+    on eager (also run by tests/kernels/test_triton.py)."""
     torch.manual_seed(11)
     data = [(torch.randn(8, 1, 12, 12), torch.randint(0, 3, (8,))) for _ in range(5)]
 
-    def train(backend):
+    def train(name):
         torch.manual_seed(12)
         net = torch.nn.Sequential(
             torch.nn.Conv2d(1, 4, 3), anact.NSwish(4, channel_dim=1), torch.nn.Flatten(),
             torch.nn.Linear(4 * 10 * 10, 16), anact.NReLU(), torch.nn.Linear(16, 3),
         )  # fmt: skip
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
-        with K.backend(backend):
+        with K.backend(name):
             for xb, yb in data:
                 opt.zero_grad()
                 F.cross_entropy(net(xb), yb).backward()
                 opt.step()
         return net.state_dict()
 
-    a, b = train("native"), train("eager")
+    a, b = train(backend), train("eager")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 

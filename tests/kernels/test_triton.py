@@ -7,6 +7,8 @@ cubin by Triton's bundled ptxas; no GPU needed), and the test marked ``gpu`` run
 on a CUDA device. Skipped where the ``triton`` package is not installed.
 """
 
+# ruff: noqa: E402
+# (the environment is set before the imports below)
 import math
 import os
 import subprocess
@@ -18,18 +20,21 @@ AOT_CHILD = os.environ.get("ANACT_TRITON_AOT_CHILD") == "1"
 if not (CUDA_CHILD or AOT_CHILD):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anact's kernels import triton.jit
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from test_fused import WARNINGS, _assert_same, _run  # noqa: E402
-from test_native_bf16 import check_bf16_against_float64  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from test_fused import WARNINGS, _assert_same, _run
+from test_native import (
+    check_hooks_get_moments_like_eager,
+    check_model_training_matches_eager,
+)
+from test_native_bf16 import check_bf16_against_float64
 
-import anact  # noqa: E402
-import anact.functional as AF  # noqa: E402
-import anact.kernels as K  # noqa: E402
-from anact.activations import Activation  # noqa: E402
-from anact.kernels import triton_passes  # noqa: E402
+import anact
+import anact.functional as AF
+import anact.kernels as K
+from anact.activations import Activation
+from anact.kernels import triton_passes
 
 pytestmark = [
     pytest.mark.skipif(not triton_passes.available(), reason="the triton package is not installed"),
@@ -309,57 +314,14 @@ def test_triton_double_backward_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_triton_hooks_get_moments_like_eager():
-    """on_moments (the monitor) and reduce_moments (distributed) see the same moments."""
-    torch.manual_seed(8)
-    x = torch.randn(4, 3, 5, 5)
-    seen = {}
-    for backend in ("triton", "eager"):
-        got = []
-
-        def reduce(m, got=got):
-            got.append(m)
-            return AF.BatchMoments(*(t * 1 for t in m))
-
-        rr, rrp, rm = torch.ones(3), torch.ones(3), torch.zeros(3)
-        nbt = torch.zeros((), dtype=torch.long)
-        with K.backend(backend):
-            AF.normalized_activation(x, "swish", rr, rrp, rm, nbt, torch.zeros(3), training=True,
-                                     channel_dim=1, reduce_moments=reduce,
-                                     on_moments=got.append)  # fmt: skip
-        seen[backend] = (got, rr.clone(), rrp.clone(), rm.clone())
-    (gt, *rt), (ge, *re) = seen["triton"], seen["eager"]
-    assert len(gt) == len(ge) == 2
-    for mt, me in zip(gt, ge, strict=True):
-        for a, b in zip(mt, me, strict=True):
-            assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(rt, re, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("channels", [None, 3])
+def test_triton_hooks_get_moments_like_eager(channels):
+    """on_moments and reduce_moments take the tensor rules after the stats kernel."""
+    check_hooks_get_moments_like_eager("triton", channels)
 
 
 def test_triton_model_training_matches_eager_over_steps():
-    """A small conv net with NSwish and NReLU trained four SGD steps on either path."""
-    torch.manual_seed(11)
-    data = [(torch.randn(8, 1, 12, 12), torch.randint(0, 3, (8,))) for _ in range(4)]
-
-    def train(backend):
-        torch.manual_seed(12)
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 4, 3), anact.NSwish(4, channel_dim=1), torch.nn.Flatten(),
-            torch.nn.Linear(4 * 10 * 10, 16), anact.NReLU(), torch.nn.Linear(16, 3),
-        )  # fmt: skip
-        opt = torch.optim.SGD(net.parameters(), lr=0.05)
-        with K.backend(backend):
-            for xb, yb in data:
-                opt.zero_grad()
-                F.cross_entropy(net(xb), yb).backward()
-                opt.step()
-        return net.state_dict()
-
-    a, b = train("triton"), train("eager")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    check_model_training_matches_eager("triton")
 
 
 def test_triton_steps_aside_where_it_does_not_apply(monkeypatch):

@@ -288,6 +288,19 @@ def _is_compiling() -> bool:
 
 
 
+def _pass_backends(x: Tensor) -> tuple[types.ModuleType, ...]:
+    """The modules of hand-written passes the current backend tries, in order."""
+    if _backend not in ("native", "auto", "triton"):
+        return ()
+    from anact.kernels import native
+
+    if _backend == "triton" or (_backend == "auto" and x.is_cuda):
+        from anact.kernels import triton_passes
+
+        return (triton_passes, native)
+    return (native,)
+
+
 def _choose(x: Tensor, channel_dim: int | None) -> _Runner | None:
     name = _backend
     if name in ("eager", "native", "triton") or _is_compiling() or _transforms_active():
@@ -334,24 +347,10 @@ def dispatch(
     if _forward_ad_active():  # tangents: the eager op's jvp rule
         return None
     cd = None if channel_dim is None else channel_dim % x.dim()
-    if _backend == "triton" or (_backend == "auto" and x.is_cuda):
-        from anact.kernels import triton_passes
-
-        plan = triton_passes.plan_call(x, act, cd, mask)
+    for fast in _pass_backends(x):  # the Triton kernels, the C passes: where they apply
+        plan = fast.plan_call(x, act, cd, mask)
         if plan is not None:
-            return triton_passes.forward(
-                x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                alpha, training=training, momentum=momentum, bounds=bounds, beta=beta,
-                center=center, channel_dim=cd, eps=eps, reduce_moments=reduce_moments,
-                on_invalid=on_invalid, save_output=save_output, on_moments=on_moments,
-                plan=plan,
-            )  # fmt: skip
-    if _backend in ("native", "auto", "triton"):
-        from anact.kernels import native
-
-        plan = native.plan_call(x, act, cd, mask)
-        if plan is not None:
-            return native.forward(
+            return fast.forward(
                 x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked,
                 alpha, training=training, momentum=momentum, bounds=bounds, beta=beta,
                 center=center, channel_dim=cd, eps=eps, reduce_moments=reduce_moments,

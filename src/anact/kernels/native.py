@@ -286,6 +286,42 @@ def _finish(
     return scale, shift
 
 
+def scale_by_tensor_rules(
+    moments: AF.BatchMoments | None,
+    buffers: tuple[Tensor | None, ...],
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    eps: float,
+    on_moments: Callable | None,
+    reduce_moments: Callable | None,
+    on_invalid: Callable[[], None],
+    check_on_host: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` from a pass's batch moments (None: eval, the running values) by
+    :mod:`anact.functional`'s tensor rules, calling the moments observer and the
+    cross-process reduction on the way: the statistics' step of the native and Triton
+    paths where their own (one C call, one kernel) does not apply. ``check_on_host``:
+    read the validity back and call ``on_invalid`` (not on a GPU: no synchronisation)."""
+    if moments is not None:
+        if on_moments is not None:
+            on_moments(moments)  # this process's, before the reduction
+        if reduce_moments is not None:
+            moments = reduce_moments(moments)
+        rho, rho_prime, mu, valid = AF._normalization_stats(
+            moments, *buffers, training=training, momentum=momentum, bounds=bounds
+        )
+        if check_on_host and not bool(valid.all()):
+            on_invalid()
+    else:
+        rho, rho_prime, mu = buffers[:3]
+    return AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center, eps=eps)
+
+
 class NativeNormalizedActivationFn(torch.autograd.Function):
     """out = scale·(δ(x) − shift) by the C passes; saves x or the output, scale, shift.
 
@@ -425,22 +461,13 @@ def forward(
                                center=center, eps=eps, stat_dtype=stat_dtype,
                                on_invalid=on_invalid)  # fmt: skip
     else:
-        if batch:
-            moments = _moments(sums, outer * inner, channel_dim is not None, stat_dtype)
-            if on_moments is not None:
-                on_moments(moments)  # this process's, before the reduction
-            if reduce_moments is not None:
-                moments = reduce_moments(moments)
-            rho, rho_prime, mu, valid = AF._normalization_stats(
-                moments, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                training=training, momentum=momentum, bounds=bounds,
-            )  # fmt: skip
-            if not bool(valid.all()):
-                on_invalid()
-        else:
-            rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-        scale, shift = AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center,
-                                           eps=eps)  # fmt: skip
+        moments = (_moments(sums, outer * inner, channel_dim is not None, stat_dtype)
+                   if batch else None)  # fmt: skip
+        scale, shift = scale_by_tensor_rules(
+            moments, buffers, alpha, training=training, momentum=momentum, bounds=bounds,
+            beta=beta, center=center, eps=eps, on_moments=on_moments,
+            reduce_moments=reduce_moments, on_invalid=on_invalid, check_on_host=True,
+        )  # fmt: skip
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         # nothing to differentiate (inference, no_grad): the pass without autograd's node
         return NativeNormalizedActivationFn.forward(

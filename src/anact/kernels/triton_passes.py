@@ -214,23 +214,14 @@ def forward(
                                    beta=beta, center=center, eps=eps, on_invalid=on_invalid,
                                    device=x.device)  # fmt: skip
         else:
-            stat_dtype = AF._stat_dtype(x)
-            if batch:
-                moments = _moments_from_sums(part.sum(0, dtype=torch.float64), pilot, rows,
-                                             per_channel, stat_dtype)  # fmt: skip
-                if on_moments is not None:
-                    on_moments(moments)  # this process's, before the reduction
-                if reduce_moments is not None:
-                    moments = reduce_moments(moments)
-                rho, rho_prime, mu, valid = AF._normalization_stats(
-                    moments, *buffers, training=training, momentum=momentum, bounds=bounds
-                )
-                if x.is_cpu and not bool(valid.all()):  # no host sync on a GPU
-                    on_invalid()
-            else:
-                rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-            scale, shift = AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta,
-                                               center=center, eps=eps)  # fmt: skip
+            moments = (_moments_from_sums(part.sum(0, dtype=torch.float64), pilot, rows,
+                                          per_channel, AF._stat_dtype(x))
+                       if batch else None)  # fmt: skip
+            scale, shift = native.scale_by_tensor_rules(
+                moments, buffers, alpha, training=training, momentum=momentum, bounds=bounds,
+                beta=beta, center=center, eps=eps, on_moments=on_moments,
+                reduce_moments=reduce_moments, on_invalid=on_invalid, check_on_host=x.is_cpu,
+            )  # fmt: skip
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         return TritonNormalizedActivationFn.forward(x, scale, shift, act, channel_dim, plan,
                                                     False)  # fmt: skip
