@@ -137,19 +137,24 @@ def test_native_options_match_eager(kwargs, cd):
 
 @pytest.mark.parametrize("name,params", ACTS)
 def test_native_against_float64(name, params):
-    """Output, ∂L/∂x and ∂L/∂α against the eager op run on the input in float64."""
+    check_against_float64("native", name, params, (8, 4, 5, 5))
+
+
+def check_against_float64(backend, name, params, shape):
+    """Output, ∂L/∂x, ∂L/∂α and the running statistics of ``backend`` in float32 against
+    the eager op run on the input in float64 (also run by tests/kernels/test_triton.py)."""
     torch.manual_seed(3)
-    shape = (8, 4, 5, 5)
     x64 = torch.randn(shape, dtype=torch.float64) * 2
     g64 = torch.randn(shape, dtype=torch.float64)
     got, ref = [], []
-    for dtype, backend, sink in ((torch.float32, "native", got), (torch.float64, "eager", ref)):
+    for dtype, name_, sink in ((torch.float32, backend, got), (torch.float64, "eager", ref)):
         module = anact.NormalizedActivation(name, activation_params=params).to(dtype)
         with torch.no_grad():
             module.alpha.fill_(0.4)
         x = x64.to(dtype).requires_grad_()
-        with K.backend(backend):
+        with K.backend(name_):
             out = module(x)
+        assert type(out.grad_fn).__name__.lower().startswith(name_.replace("eager", "_"))
         out.backward(g64.to(dtype))
         sink += [out.detach(), x.grad, module.alpha.grad, module.running_rho.detach(),
                  module.running_rho_prime.detach(), module.running_mean.detach()]  # fmt: skip

@@ -25,6 +25,7 @@ import pytest
 import torch
 from test_fused import WARNINGS, _assert_same, _run
 from test_native import (
+    check_against_float64,
     check_hooks_get_moments_like_eager,
     check_model_training_matches_eager,
 )
@@ -228,26 +229,7 @@ def test_triton_dead_channel_keeps_its_own_count():
 
 @pytest.mark.parametrize("name,params", ACTS)
 def test_triton_against_float64(name, params):
-    """Output, ∂L/∂x, ∂L/∂α and the running statistics against the eager op run on the
-    input in float64."""
-    torch.manual_seed(5)
-    shape = (8, 4, 9, 9)
-    x64 = torch.randn(shape, dtype=torch.float64) * 2
-    g64 = torch.randn(shape, dtype=torch.float64)
-    got, ref = [], []
-    for dtype, backend, sink in ((torch.float32, "triton", got), (torch.float64, "eager", ref)):
-        module = anact.NormalizedActivation(name, activation_params=params).to(dtype)
-        with torch.no_grad():
-            module.alpha.fill_(0.4)
-        x = x64.to(dtype).requires_grad_()
-        with K.backend(backend):
-            out = module(x)
-        out.backward(g64.to(dtype))
-        sink += [out.detach(), x.grad, module.alpha.grad, module.running_rho.detach(),
-                 module.running_rho_prime.detach(), module.running_mean.detach()]  # fmt: skip
-    for a, b in zip(got, ref, strict=True):
-        scale = 1 + float(b.abs().max())
-        np.testing.assert_allclose(a.double().numpy(), b.numpy(), rtol=2e-5, atol=2e-6 * scale)
+    check_against_float64("triton", name, params, (8, 4, 9, 9))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
