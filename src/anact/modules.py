@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -206,18 +207,26 @@ class NormalizedActivation(nn.Module):
             self.num_batches_skipped = torch.zeros_like(skipped, device=tracked.device)
 
     def _check_input(self, x: Tensor) -> None:
-        if self.channel_dim is not None and not AF._is_recording():  # (a trace's shapes
-            # are tensors: the checks would be TracerWarnings; the eager run checked them)
-            if not -x.dim() <= self.channel_dim < x.dim():
-                raise ValueError(
-                    f"expected an input with a channel dimension {self.channel_dim}, "
-                    f"got shape {tuple(x.shape)}"
-                )
-            if x.shape[self.channel_dim] != self.num_features:
-                raise ValueError(
-                    f"expected {self.num_features} channels in dimension {self.channel_dim}, "
-                    f"got input of shape {tuple(x.shape)}"
-                )
+        if self.channel_dim is None:
+            return
+        if AF._is_recording():  # a trace's sizes are tensors: the same checks, without a
+            with warnings.catch_warnings():  # TracerWarning for each comparison
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                self._check_channels(x)
+        else:
+            self._check_channels(x)
+
+    def _check_channels(self, x: Tensor) -> None:
+        if not -x.dim() <= self.channel_dim < x.dim():
+            raise ValueError(
+                f"expected an input with a channel dimension {self.channel_dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[self.channel_dim] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels in dimension {self.channel_dim}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)

@@ -149,3 +149,13 @@ def test_torch_jit_trace_in_eval_mode_without_tracer_warnings():
         torch.testing.assert_close(traced(x), net(x), rtol=1e-6, atol=1e-7)
         x2 = torch.randn(7, 3, 8, 8)  # another batch size
         torch.testing.assert_close(traced(x2), net(x2), rtol=1e-6, atol=1e-7)
+
+
+def test_torch_jit_trace_keeps_the_channel_check():
+    """A trace of an input with the wrong channel count fails with the module's error."""
+    m = anact.NReLU(3, channel_dim=1)
+    m(torch.randn(4, 3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(ValueError, match="expected 3 channels"):
+            torch.jit.trace(m.eval(), (torch.randn(2, 5, 4),))

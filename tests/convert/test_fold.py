@@ -342,3 +342,33 @@ def test_fold_into_a_tied_weight_leaves_its_other_user_alone(buffer_bn):
     torch.testing.assert_close(folded(tokens), model(tokens), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(folded.emb.weight, model.emb.weight, rtol=0, atol=0)
     assert folded.head.weight is not folded.emb.weight
+
+
+def test_folded_activation_pickled_before_delta_was_a_module_still_runs():
+    """A FoldedActivation pickled by an earlier version (no ``delta`` submodule) gets
+    it back when loaded."""
+    import pickle
+
+    m = FoldedActivation(anact.NReLU().activation, torch.tensor(1.5), torch.tensor(0.2))
+    x = torch.randn(4, 5)
+    want = m(x)
+    del m._modules["delta"]  # what an earlier version pickled
+    loaded = pickle.loads(pickle.dumps(m))
+    assert isinstance(loaded.delta, torch.nn.ReLU)
+    assert torch.equal(loaded(x), want)
+
+
+@pytest.mark.parametrize("mode", ["graph", "modules"])
+def test_converting_a_folded_model_leaves_folded_activations_alone(mode):
+    """δ inside a FoldedActivation is part of the folded activation, not a call site."""
+    net = nn.Sequential(nn.Linear(4, 6), anact.NSwish(), nn.Linear(6, 6), nn.ReLU(),
+                        nn.Linear(6, 2))  # fmt: skip
+    net(torch.randn(8, 4))
+    folded = anact.fold(net.eval(), mode="modules")
+    again = anact.convert(folded, mode=mode, example_inputs=(torch.randn(3, 4),),
+                          buffer_bn=False)  # fmt: skip
+    normalized = [n for n, m in again.named_modules()
+                  if isinstance(m, anact.NormalizedActivation)]  # fmt: skip
+    assert len(normalized) == 1  # the plain ReLU only
+    assert all(isinstance(m.delta, nn.SiLU) for m in again.modules()
+               if isinstance(m, FoldedActivation))  # fmt: skip

@@ -106,9 +106,16 @@ class Tracer(fx.Tracer):
     """fx tracer that keeps anact's own modules as leaves (their state is opaque)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (NormalizedActivation, GPN, _LayerAct, FeatureBatchNorm)):
-            return True
-        return super().is_leaf_module(m, qualname)
+        return is_opaque(m) or super().is_leaf_module(m, qualname)
+
+
+def is_opaque(m: nn.Module) -> bool:
+    """anact's own modules, whose insides conversion leaves alone (a FoldedActivation's
+    δ module is part of a folded activation, not a site to normalize again)."""
+    from anact.convert.fold import FoldedActivation  # (fold imports this module)
+
+    return isinstance(m, (NormalizedActivation, GPN, _LayerAct, FeatureBatchNorm,
+                          FoldedActivation))  # fmt: skip
 
 
 def _args(node: fx.Node, argnames: tuple[str, ...]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from anact.convert._sites import (
     added_to_before,
     find_site,
     input_node,
+    is_opaque,
     scope_of,
     unique_name,
 )
@@ -497,8 +498,13 @@ def _record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[_Ca
     calls: list[_Call] = []
     pending: list[bool] = []  # after_add of the calls under way (leaves: at most one)
     handles = []
+    opaque: list[str] = []  # anact's own modules: their insides are not call sites
     for name, m in model.named_modules():
-        if next(iter(m.children()), None) is not None:
+        if any(name.startswith(o + ".") for o in opaque):
+            continue
+        if is_opaque(m):
+            opaque.append(name)
+        elif next(iter(m.children()), None) is not None:
             continue  # leaves only
 
         def before(mod, args, name=name):

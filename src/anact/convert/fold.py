@@ -103,6 +103,12 @@ class FoldedActivation(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.detach().clone())
         self.register_buffer("shift", None if shift is None else shift.detach().clone())
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "delta" not in self._modules:  # pickled before δ became a submodule
+            act = self.activation
+            self.delta = act.module() if act.module is not None else _Delta(act)
+
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
         cd = self.channel_dim
         if cd is None or t.dim() == 0:

@@ -18,11 +18,11 @@ environment variable ``ANACT_BACKEND`` read at import):
   per activation, shape, dtype and configuration (``dynamic=False``);
 * ``"triton"``: the Triton kernels of :mod:`anact.kernels.triton_passes` for the same
   activations on CUDA tensors (float32, bfloat16, float16; needs the ``triton``
-  package), the native passes on CPU, eager elsewhere; opt-in while its GPU speed is
-  unmeasured (docs/core.md);
-* ``"auto"``: ``"native"`` on CPU and ``"triton"`` on CUDA where they apply, else
-  ``"compiled"`` for inputs of at least :data:`AUTO_MIN_NUMEL` elements and eager for
-  smaller ones (where a compiled call's fixed cost is not repaid);
+  package), the native passes on CPU, eager elsewhere; only when chosen, while it has
+  never run on a GPU (docs/core.md);
+* ``"auto"``: ``"native"`` where it applies, else ``"compiled"`` for inputs of at
+  least :data:`AUTO_MIN_NUMEL` elements and eager for smaller ones (where a compiled
+  call's fixed cost is not repaid);
 * ``"fused"``: the fused kernels run eagerly, without compilation (slow; for
   testing the fused math and debugging).
 
@@ -294,7 +294,7 @@ def _pass_backends(x: Tensor) -> tuple[types.ModuleType, ...]:
         return ()
     from anact.kernels import native
 
-    if _backend == "triton" or (_backend == "auto" and x.is_cuda):
+    if _backend == "triton":
         from anact.kernels import triton_passes
 
         return (triton_passes, native)

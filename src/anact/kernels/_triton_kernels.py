@@ -115,11 +115,6 @@ def stats_kernel(x_ptr, part_ptr, pilot_ptr, R, C, inner, p0, p1, KIND: tl.const
 
 
 @triton.jit
-def _finite(v):
-    return tl.abs(v) < float("inf")  # False for ±inf and NaN
-
-
-@triton.jit
 def finish_kernel(part_ptr, pilot_ptr, P, C, count, const_ptr, rr_ptr, rrp_ptr, rm_ptr,
                   nbt_ptr, lam_ptr, shift_ptr, bad_ptr, HAS_BATCH: tl.constexpr,
                   HAS_RUNNING: tl.constexpr, TRAINING: tl.constexpr,
@@ -130,15 +125,18 @@ def finish_kernel(part_ptr, pilot_ptr, P, C, count, const_ptr, rr_ptr, rrp_ptr, 
     sums reduced → batch moments → ρ_M, ρ'_M, μ_M and their guards (eq. 31,
     ``moments_to_stats``) → the running update (eq. 16–18) → λ (eq. 13) and the shift.
 
-    const = (momentum, low, high, eps, float32 eps, float32 tiny) as float64. Writes
-    lam[c], shift[c] (their tensors' dtypes), the running buffers in place, and
-    bad[0] = the number of channels whose batch was unusable."""
+    const = (momentum, low, high, eps, float32 eps, float32 tiny, float32 max) as
+    float64. The moments are rounded to float32 (the statistics' dtype) before use, as
+    the tensor rules and ``_nactcpu.finish`` hold them. Writes lam[c], shift[c] (their
+    tensors' dtypes), the running buffers in place, and bad[0] = the number of channels
+    whose batch was unusable."""
     momentum = tl.load(const_ptr + 0)
     low = tl.load(const_ptr + 1)
     high = tl.load(const_ptr + 2)
     eps = tl.load(const_ptr + 3)
     eps32 = tl.load(const_ptr + 4)
     tiny32 = tl.load(const_ptr + 5)
+    max32 = tl.load(const_ptr + 6)
     n = count.to(tl.float64)
     bad = tl.zeros([BLOCK_C], dtype=tl.int32)
     good = tl.zeros([BLOCK_C], dtype=tl.int32)
@@ -171,16 +169,21 @@ def finish_kernel(part_ptr, pilot_ptr, P, C, count, const_ptr, rr_ptr, rrp_ptr, 
             var_x = tl.where(var_x < 0.0, 0.0, var_x)
             var_y = s3 / n - my * my
             var_y = tl.where(var_y < 0.0, 0.0, var_y)
-            mean_x = kx + mx
-            mean_y = ky + my
+            # the moments as float32 holds them (inf where they overflow it)
+            var_x = var_x.to(tl.float32).to(tl.float64)
+            var_y = var_y.to(tl.float32).to(tl.float64)
+            mean_x = (kx + mx).to(tl.float32).to(tl.float64)
+            mean_y = (ky + my).to(tl.float32).to(tl.float64)
             dsq = tl.where(s2 != s2, s2, s4 / n)  # a NaN in x is a NaN in every moment
+            dsq = dsq.to(tl.float32).to(tl.float64)
             # not constant: a spread above a few ulps of the mean (a NaN fails below)
             limit = 4.0 * eps32 * tl.abs(mean_x)
             spread = var_x > limit * limit + tiny32
             rho_b = var_y / tl.where(spread, var_x, 1.0)  # ρ_M (eq. 31), used where valid
-            # (count >= 2 holds: plan_call takes no smaller statistic)
-            valid = (spread & _finite(rho_b) & _finite(dsq) & _finite(mean_y) & (rho_b > 0.0)
-                     & (dsq > 0.0))
+            # finite in float32 (as a float32 quotient would be); count >= 2 holds:
+            # plan_call takes no smaller statistic
+            valid = (spread & (tl.abs(rho_b) <= max32) & (tl.abs(dsq) <= max32)
+                     & (tl.abs(mean_y) <= max32) & (rho_b > 0.0) & (dsq > 0.0))
             bad += tl.where(cm, tl.where(valid, 0, 1), 0)
             good += tl.where(cm, tl.where(valid, 1, 0), 0)
             if HAS_RUNNING and TRAINING:
@@ -240,9 +243,10 @@ def finish_kernel(part_ptr, pilot_ptr, P, C, count, const_ptr, rr_ptr, rrp_ptr, 
         lam = tl.sqrt((rho + rhop) / (2.0 * rho * rhop))  # eq. 13
         tl.store(lam_ptr + c64, lam.to(lam_ptr.dtype.element_ty), mask=cm)
         if CENTER:
-            tl.store(shift_ptr + c64, mu.to(shift_ptr.dtype.element_ty), mask=cm)
-        else:
-            tl.store(shift_ptr + c64, (mu * 0.0).to(shift_ptr.dtype.element_ty), mask=cm)
+            shift = mu
+        else:  # zeros, whatever μ holds (inf, NaN)
+            shift = tl.zeros([BLOCK_C], dtype=tl.float64)
+        tl.store(shift_ptr + c64, shift.to(shift_ptr.dtype.element_ty), mask=cm)
     if HAS_BATCH and HAS_RUNNING and TRAINING and not COUNT_PER_CHANNEL:
         tl.store(nbt_ptr, nbt0 + tl.where(tl.sum(good, 0) > 0, 1, 0))
     tl.store(bad_ptr, tl.sum(bad, 0))

@@ -50,7 +50,7 @@ __all__ = ["available", "interpreting", "plan_call", "forward", "TritonNormalize
 
 _STORE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' STORE
 TILE = 2048  # elements per program of the element-wise kernels
-FINISH_BLOCK_P, FINISH_BLOCK_C = 64, 64
+FINISH_TILE = 4096  # partial sums per step of the finish kernel's loop
 LAYOUT_FLAT, LAYOUT_LAST, LAYOUT_GENERAL = 0, 1, 2  # the kernels' LAYOUT (see _tile there)
 # every operation rounded on its own, as the eager op's: no multiply-add contraction
 # (which would, e.g., round Swish's x·σ(x) − μ once instead of twice)
@@ -113,6 +113,13 @@ def _tiling(c: int, inner: int) -> tuple[int, int, int]:
     return LAYOUT_GENERAL, TILE, 1
 
 
+def _finish_blocks(c: int) -> dict[str, int]:
+    """The finish kernel's tile: up to 64 channels, as many partial rows as fill
+    FINISH_TILE (per tensor one channel: 4096 rows per step)."""
+    block_c = min(1 << (c - 1).bit_length(), 64)
+    return {"BLOCK_P": FINISH_TILE // block_c, "BLOCK_C": block_c}
+
+
 def _grid(rows: int, c: int, block_r: int, block_c: int) -> tuple[int, int]:
     return (-(-rows // block_r), -(-c // block_c))
 
@@ -122,13 +129,15 @@ def _device_of(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _constants(device: torch.device, momentum: float, low: float, high: float,
                eps: float) -> Tensor:  # fmt: skip
-    """The finish kernel's float64 constants (Triton passes Python floats as float32)."""
+    """The finish kernel's float64 constants (Triton passes Python floats as float32),
+    one small tensor per device and configuration: made once (a copy to the device, which
+    a CUDA graph cannot capture: warm up before capturing, as usual)."""
     f32 = torch.finfo(torch.float32)
-    return torch.tensor([momentum, low, high, eps, f32.eps, f32.tiny], dtype=torch.float64,
-                        device=device)  # fmt: skip
+    return torch.tensor([momentum, low, high, eps, f32.eps, f32.tiny, f32.max],
+                        dtype=torch.float64, device=device)  # fmt: skip
 
 
 def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int,
@@ -269,8 +278,7 @@ def _finish(
         HAS_BATCH=part is not None, HAS_RUNNING=has_running, TRAINING=training,
         CUMULATIVE=momentum is None, HAS_BOUNDS=bounds is not None,
         COUNT_PER_CHANNEL=has_running and tracked.dim() > 0 and tracked.numel() == c,
-        CENTER=center, HAS_EPS=eps is not None, BLOCK_P=FINISH_BLOCK_P,
-        BLOCK_C=FINISH_BLOCK_C, **EXACT,
+        CENTER=center, HAS_EPS=eps is not None, **_finish_blocks(c), **EXACT,
     )  # fmt: skip
     if part is not None and has_running and training:
         torch.autograd.graph.increment_version(buffers)  # written in place by the kernel
