@@ -47,6 +47,7 @@ __all__ = [
     "output_nudged",
     "backward_from_output",
     "FusedNormalizedActivationFn",
+    "differentiable_grads",
 ]
 
 
@@ -258,6 +259,21 @@ def backward_from_output(
     return grad_x, grad_scale
 
 
+def differentiable_grads(ctx, saved: Tensor, grad_out: Tensor, scale: Tensor,
+                         shift: Tensor) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """(∂L/∂x, ∂L/∂scale) by the eager formulas, which autograd can differentiate again: a
+    fast path Function's backward under ``create_graph=True`` (``ctx`` holds act,
+    channel_dim, saved_output and the needs_input_grad of x and scale; ``saved`` is x, or
+    the output where saved_output)."""
+    need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    act, cd = ctx.act, ctx.channel_dim
+    if ctx.saved_output:
+        return AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
+                                     need_scale, inplace=False)  # fmt: skip
+    return backward_pass(saved, grad_out, scale, shift, act=act, channel_dim=cd,
+                         need_x=need_x, need_scale=need_scale)  # fmt: skip
+
+
 class FusedNormalizedActivationFn(torch.autograd.Function):
     """out = scale·(δ(x) − shift) through the fused kernels; saves x or out, scale, shift.
 
@@ -288,29 +304,17 @@ class FusedNormalizedActivationFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.saved_output:
-            if torch.is_grad_enabled():
-                grad_x, grad_scale = AF._grads_from_output(
-                    saved, grad_out, scale, shift, ctx.act, ctx.channel_dim, need_x,
-                    need_scale, inplace=False,
-                )  # fmt: skip
-            else:
-                cd = ctx.channel_dim
-                s = AF._broadcast_shape(saved, cd, scale).to(saved.dtype)
-                t = (-AF._broadcast_shape(saved, cd, shift).to(saved.dtype)) * s
-                grad_x, grad_scale = ctx.runner.backward_from_output(
-                    saved, grad_out, scale, s, t, ctx.act, cd, need_x, need_scale
-                )
-            return grad_x, grad_scale, None, None, None, None, None
-        x = saved
-        if torch.is_grad_enabled():
-            # create_graph=True: the eager, differentiable formulas
-            grad_x, grad_scale = backward_pass(
-                x, grad_out, scale, shift, act=ctx.act, channel_dim=ctx.channel_dim,
-                need_x=need_x, need_scale=need_scale,
-            )  # fmt: skip
+        cd = ctx.channel_dim
+        if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
+            grad_x, grad_scale = differentiable_grads(ctx, saved, grad_out, scale, shift)
+        elif ctx.saved_output:
+            s = AF._broadcast_shape(saved, cd, scale).to(saved.dtype)
+            t = (-AF._broadcast_shape(saved, cd, shift).to(saved.dtype)) * s
+            grad_x, grad_scale = ctx.runner.backward_from_output(
+                saved, grad_out, scale, s, t, ctx.act, cd, need_x, need_scale
+            )
         else:
             grad_x, grad_scale = ctx.runner.backward(
-                x, grad_out, scale, shift, ctx.act, ctx.channel_dim, need_x, need_scale
+                saved, grad_out, scale, shift, ctx.act, cd, need_x, need_scale
             )
         return grad_x, grad_scale, None, None, None, None, None

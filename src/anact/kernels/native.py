@@ -180,9 +180,11 @@ def applies(x: Tensor, act: Activation, channel_dim: int | None, mask: Tensor | 
 
 
 def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) -> AF.BatchMoments:
-    """BatchMoments from the C rows (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)², Σδ'², kx, ky)."""
+    """BatchMoments from the (C, 7) float64 rows (Σ(x−kx), Σ(x−kx)², Σ(y−ky), Σ(y−ky)²,
+    Σδ'², kx, ky) on their device: shape () per tensor, (C,) per channel (also the Triton
+    path's, from its partial sums)."""
     n = float(count)
-    if not per_channel:
+    if not per_channel and sums.is_cpu:  # on Python floats (no small tensor ops)
         values = AF._moments_of_sums(sums.tolist()[0], count)
         return AF.BatchMoments(*torch.tensor(values, dtype=dtype, device="cpu").unbind())
     sx, sxx, sy, syy, sg, kx, ky = sums.t().unbind()
@@ -191,7 +193,8 @@ def _moments(sums: Tensor, count: int, per_channel: bool, dtype: torch.dtype) ->
     var_y = (syy / n - my * my).clamp_min(0)
     dsq = torch.where(torch.isnan(sy), sy, sg / n)
     stacked = torch.stack([torch.full_like(mx, n), kx + mx, var_x, ky + my, var_y, dsq])
-    return AF.BatchMoments(*stacked.to(dtype).unbind())
+    stacked = stacked.to(dtype) if per_channel else stacked.to(dtype).reshape(6)
+    return AF.BatchMoments(*stacked.unbind())
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -219,9 +222,15 @@ def _per_channel(t: Tensor, c: int, storage: torch.dtype = torch.float32) -> Ten
 _STAT_DTYPES = (torch.float32, torch.float64)
 
 
-def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int) -> bool:
-    """Whether :func:`_finish` can read and write these running buffers and α's dtype:
-    CPU, float32/float64 statistics (one dtype), int64 count, C values each, dense."""
+_CPU = torch.device("cpu")
+
+
+def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int,
+                    device: torch.device = _CPU) -> bool:  # fmt: skip
+    """Whether a one-call statistics step (:func:`_finish` here, on the CPU; the Triton
+    finish kernel on ``device``) can read and write these running buffers and α's dtype:
+    on ``device``, float32/float64 statistics (one dtype), int64 count, C values each,
+    dense."""
     if alpha.dtype not in _STAT_DTYPES:
         return False
     rho, rho_prime, mean, tracked = buffers
@@ -230,9 +239,9 @@ def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int) -
     dtype = rho.dtype
     return (dtype in _STAT_DTYPES and rho_prime.dtype is dtype and mean.dtype is dtype
             and tracked.dtype is torch.int64 and tracked.numel() in (1, c)
-            and tracked.is_contiguous()
-            and all(t.is_cpu and t.numel() == c and t.is_contiguous()
-                    for t in (rho, rho_prime, mean)) and tracked.is_cpu)  # fmt: skip
+            and tracked.is_contiguous() and tracked.device == device
+            and all(t.device == device and t.numel() == c and t.is_contiguous()
+                    for t in (rho, rho_prime, mean)))  # fmt: skip
 
 
 def _finish(
@@ -322,6 +331,15 @@ def scale_by_tensor_rules(
     return AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center, eps=eps)
 
 
+def grad_in_layout(grad_out: Tensor, saved: Tensor, order: tuple[int, ...]) -> Tensor:
+    """∂L/∂out in x's storage dtype and memory layout (``order``: x's memory order, ``()``
+    when contiguous), as the passes read it: copied only when it is not already."""
+    g = grad_out if grad_out.dtype is saved.dtype else grad_out.to(saved.dtype)
+    if g.stride() != saved.stride() and not (g.permute(order) if order else g).is_contiguous():
+        g = torch.empty_like(saved).copy_(g)  # into the layout of x
+    return g
+
+
 class NativeNormalizedActivationFn(torch.autograd.Function):
     """out = scale·(δ(x) − shift) by the C passes; saves x or the output, scale, shift.
 
@@ -368,26 +386,15 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        act, cd = ctx.act, ctx.channel_dim
         if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
             from anact.kernels import fused
 
-            if ctx.saved_output:
-                grads = AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
-                                              need_scale, inplace=False)  # fmt: skip
-            else:
-                grads = fused.backward_pass(saved, grad_out, scale, shift, act=act,
-                                            channel_dim=cd, need_x=need_x,
-                                            need_scale=need_scale)  # fmt: skip
+            grads = fused.differentiable_grads(ctx, saved, grad_out, scale, shift)
             return (*grads, None, None, None, None, None, None, None, None, None)
         outer, c, inner = ctx.layout
         kind, p0, p1 = ctx.kind
         storage = saved.dtype  # x's: float32 or bfloat16
-        g = grad_out if grad_out.dtype is storage else grad_out.to(storage)
-        if g.stride() != saved.stride() and not (
-            g.permute(ctx.order) if ctx.order else g
-        ).is_contiguous():
-            g = torch.empty_like(saved).copy_(g)  # into the layout of x
+        g = grad_in_layout(grad_out, saved, ctx.order)
         s, b = _per_channel(scale, c, storage), _per_channel(shift, c, storage)
         # from the output, the C pass compares with t = (0 − b)·s formed as the forward did
         bt = ((-b) * s).to(storage).to(torch.float32) if ctx.saved_output else b

@@ -140,40 +140,6 @@ def _constants(device: torch.device, momentum: float, low: float, high: float,
                         dtype=torch.float64, device=device)  # fmt: skip
 
 
-def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int,
-                    device: torch.device) -> bool:  # fmt: skip
-    """Whether the finish kernel can read and write these buffers: float32/float64
-    statistics on x's device, C values each, an int64 count (1 or C), dense."""
-    if alpha.dtype not in (torch.float32, torch.float64):
-        return False
-    rho, rho_prime, mean, tracked = buffers
-    if rho is None:
-        return True
-    return (rho.dtype in (torch.float32, torch.float64) and rho_prime.dtype is rho.dtype
-            and mean.dtype is rho.dtype and tracked.dtype is torch.int64
-            and tracked.numel() in (1, c) and tracked.is_contiguous()
-            and tracked.device == device
-            and all(t.device == device and t.numel() == c and t.is_contiguous()
-                    for t in (rho, rho_prime, mean)))  # fmt: skip
-
-
-def _moments_from_sums(sums: Tensor, pilot: Tensor, count: int, per_channel: bool,
-                       dtype: torch.dtype) -> AF.BatchMoments:  # fmt: skip
-    """BatchMoments from the (C, 5) float64 sums and the (C, 2) pilots, on their device."""
-    n = float(count)
-    sx, sxx, sy, syy, sg = sums.t().unbind()
-    kx, ky = pilot.to(torch.float64).t().unbind()
-    mx, my = sx / n, sy / n
-    var_x = (sxx / n - mx * mx).clamp_min(0)
-    var_y = (syy / n - my * my).clamp_min(0)
-    dsq = torch.where(torch.isnan(sy), sy, sg / n)
-    stacked = torch.stack([torch.full_like(mx, n), kx + mx, var_x, ky + my, var_y, dsq])
-    stacked = stacked.to(dtype)
-    if not per_channel:
-        stacked = stacked.reshape(6)
-    return AF.BatchMoments(*stacked.unbind())
-
-
 def forward(
     x: Tensor,
     act: Activation,
@@ -217,15 +183,16 @@ def forward(
                                  LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
                                  **EXACT)  # fmt: skip
         if (on_moments is None and reduce_moments is None
-                and _finish_applies(buffers, alpha, c, x.device)):  # fmt: skip
+                and native._finish_applies(buffers, alpha, c, x.device)):  # fmt: skip
             scale, shift = _finish(part, pilot, rows, c, per_channel, buffers, alpha,
                                    training=training, momentum=momentum, bounds=bounds,
                                    beta=beta, center=center, eps=eps, on_invalid=on_invalid,
                                    device=x.device)  # fmt: skip
         else:
-            moments = (_moments_from_sums(part.sum(0, dtype=torch.float64), pilot, rows,
-                                          per_channel, AF._stat_dtype(x))
-                       if batch else None)  # fmt: skip
+            moments = None
+            if batch:  # the C rows' layout: the five sums, then the pilots kx, ky
+                sums = torch.cat([part.sum(0, dtype=torch.float64), pilot.double()], dim=1)
+                moments = native._moments(sums, rows, per_channel, AF._stat_dtype(x))
             scale, shift = native.scale_by_tensor_rules(
                 moments, buffers, alpha, training=training, momentum=momentum, bounds=bounds,
                 beta=beta, center=center, eps=eps, on_moments=on_moments,
@@ -322,28 +289,17 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        act, cd = ctx.act, ctx.channel_dim
         if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
             from anact.kernels import fused
 
-            if ctx.saved_output:
-                grads = AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
-                                              need_scale, inplace=False)  # fmt: skip
-            else:
-                grads = fused.backward_pass(saved, grad_out, scale, shift, act=act,
-                                            channel_dim=cd, need_x=need_x,
-                                            need_scale=need_scale)  # fmt: skip
+            grads = fused.differentiable_grads(ctx, saved, grad_out, scale, shift)
             return (*grads, None, None, None, None, None)
         K = _kernels()
         (kind, p0, p1), (outer, c, inner), order = ctx.plan
         layout, block_r, block_c = _tiling(c, inner)
         rows = outer * inner
         storage = saved.dtype
-        g = grad_out if grad_out.dtype is storage else grad_out.to(storage)
-        if g.stride() != saved.stride() and not (
-            g.permute(order) if order else g
-        ).is_contiguous():
-            g = torch.empty_like(saved).copy_(g)  # into the layout of x
+        g = native.grad_in_layout(grad_out, saved, order)
         s, b = native._per_channel(scale, c), native._per_channel(shift, c)
         grad_x = torch.empty_like(saved) if need_x else saved
         grid = _grid(rows, c, block_r, block_c)
