@@ -282,6 +282,27 @@ def test_guards_skip_update_and_warn(make):
     assert torch.isfinite(out[finite_in]).all()
 
 
+@pytest.mark.parametrize("backend", ["eager", "native", "fused"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_unusable_batch_warning_points_at_the_callers_line(backend, per_channel):
+    """Whichever path finds the unusable batch, the warning names the user's line."""
+    import inspect
+
+    import anact.kernels as K
+
+    module = anact.NReLU(**(dict(num_features=4, channel_dim=1) if per_channel else {}))
+    x = torch.full((8, 4), 2.0)  # a constant batch
+    with K.backend(backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        module(x)
+        module.eval()
+        AF.normalized_activation(x, "relu", None, None, None, None, torch.zeros(()),
+                                 training=False)  # fmt: skip
+    where = [(w.filename, w.lineno) for w in caught if w.category is AF.StatisticsWarning]
+    assert where == [(__file__, line), (__file__, line + 2)]
+
+
 def test_invalid_first_batch_keeps_next_batch_first():
     module = anact.NReLU()
     with warnings.catch_warnings():

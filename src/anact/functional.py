@@ -16,6 +16,7 @@ distributed training can reuse them:
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import warnings
@@ -522,6 +523,15 @@ def _scale_has_zero(scale: Tensor) -> bool:
     return bool((scale == 0).any())
 
 
+def _save_input_or_output(ctx: Any, x: Tensor, output: Tensor, scale: Tensor, shift: Tensor,
+                          save_output: bool) -> None:  # fmt: skip
+    """What every path's backward keeps: the output when ``save_output`` (the ReLU family's
+    memory saving), else x; with the scale and shift. Sets ``ctx.saved_output``."""
+    # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
+    ctx.saved_output = bool(save_output) and not _scale_has_zero(scale)
+    ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+
+
 def _grads_from_output(
     out: Tensor,
     grad_out: Tensor,
@@ -606,10 +616,7 @@ class _NormalizedActivationFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, scale, shift, activation, channel_dim, *rest = inputs
-        save_output = bool(rest and rest[0])
-        # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
-        ctx.saved_output = save_output and not _scale_has_zero(scale)
-        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+        _save_input_or_output(ctx, x, output, scale, shift, bool(rest and rest[0]))
         ctx.activation = activation
         ctx.channel_dim = channel_dim
 
@@ -703,6 +710,29 @@ def apply_normalization(
     )
 
 
+class StatisticsStep(NamedTuple):
+    """One call's statistics step (eq. 13, 15–18), as every path of
+    :func:`normalized_activation` (the reference, the native, Triton and fused kernels)
+    takes it: the running buffers (ρ, ρ', μ, count; all None: none), α, the options as
+    checked by :func:`normalized_activation`, and the moments' callbacks."""
+
+    running: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+    alpha: Tensor
+    training: bool
+    momentum: float | None
+    bounds: tuple[float, float] | None
+    beta: float
+    center: bool
+    eps: float
+    reduce_moments: Callable[[BatchMoments], BatchMoments] | None
+    on_moments: Callable[[BatchMoments], None] | None
+
+
+def _uses_batch(step: StatisticsStep) -> bool:
+    """Whether the step computes batch statistics (training, or no running values)."""
+    return step.training or step.running[0] is None
+
+
 def _scale_and_shift(
     rho: Tensor, rho_prime: Tensor, mu: Tensor, alpha: Tensor, *, beta: float, center: bool,
     eps: float,
@@ -716,13 +746,53 @@ def _scale_and_shift(
     return scale, shift
 
 
-def _warn_unusable_batch(stacklevel: int) -> None:
+def _scale_and_shift_by_tensor_rules(
+    moments: BatchMoments | None, step: StatisticsStep, *, check_on_host: bool
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` from a batch's moments (None: eval, the running values) by tensor
+    ops: the moments' observer and cross-process reduction, the statistics with the
+    running update (eq. 16–18), then λ (eq. 13) and the scale (eq. 15). The reference's
+    step, and the fast paths' where their one-call step does not apply.
+    ``check_on_host``: read the batch's validity back and warn when it is unusable (not
+    on a GPU, under vmap or compile: no host synchronisation)."""
+    if moments is not None:
+        if step.on_moments is not None:
+            step.on_moments(moments)  # this process's, before the reduction
+        if step.reduce_moments is not None:
+            moments = step.reduce_moments(moments)
+        rho, rho_prime, mu, valid = _normalization_stats(
+            moments, *step.running, training=step.training, momentum=step.momentum,
+            bounds=step.bounds,
+        )  # fmt: skip
+        if check_on_host and not bool(valid.all()):
+            _warn_unusable_batch()
+    else:
+        rho, rho_prime, mu = step.running[:3]
+    return _scale_and_shift(rho, rho_prime, mu, step.alpha, beta=step.beta, center=step.center,
+                            eps=step.eps)  # fmt: skip
+
+
+_INTERNAL_PREFIXES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller) of the first frame outside
+    anact and torch: the user's line that called the layer or the function, whichever
+    path (eager, native, Triton, fused) found the problem."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
+
+
+def _warn_unusable_batch() -> None:
+    """Warn that a batch could not define the statistics (called by every path's check)."""
     warnings.warn(
         "a mini-batch could not define the activation statistics (fewer than 2 real "
         "elements, a constant batch, an all-masked batch, a dead activation or "
         "NaN/Inf); it was left out of the running statistics",
         StatisticsWarning,
-        stacklevel=stacklevel,
+        stacklevel=_outside_stacklevel(),
     )
 
 
@@ -801,33 +871,24 @@ def normalized_activation(
     _saves_output(act, save)  # raises on a bad value before any statistic is updated
     if mask is not None and not training and running_rho is not None:
         _check_mask(x, mask)  # unused in eval, but a bad one is an error there too
+    step = StatisticsStep(
+        (running_rho, running_rho_prime, running_mean, num_batches_tracked), alpha,
+        training, momentum, bounds, beta, center, eps, reduce_moments, on_moments,
+    )  # fmt: skip
     # a fast path (anact.kernels.set_backend) when one applies; the code below is the reference
     fast = _kernels.dispatch(
-        x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked, alpha,
-        training=training, momentum=momentum, bounds=bounds, beta=beta, center=center,
-        channel_dim=channel_dim, eps=eps, mask=mask, reduce_moments=reduce_moments,
-        on_invalid=lambda: _warn_unusable_batch(stacklevel=6),
-        save_output=lambda scale: _output_saving(act, save, x, scale), on_moments=on_moments,
+        x, act, step, channel_dim=channel_dim, mask=mask,
+        save_output=lambda scale: _output_saving(act, save, x, scale),
     )  # fmt: skip
     if fast is not None:
         return fast
-    has_running = running_rho is not None
-    if training or not has_running:
+    moments = None
+    if _uses_batch(step):
         moments = batch_moments(x, act, channel_dim=channel_dim, mask=mask)
-        if on_moments is not None:
-            on_moments(moments)
-        if reduce_moments is not None:
-            moments = reduce_moments(moments)
-        rho, rho_prime, mu, valid = _normalization_stats(
-            moments, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-            training=training, momentum=momentum, bounds=bounds,
-        )  # fmt: skip
-        if (not _is_compiling() and not _kernels._transforms_active()
-                and x.device.type == "cpu" and not bool(valid.all())):  # fmt: skip
-            _warn_unusable_batch(stacklevel=4)  # (no host check under vmap or compile)
-    else:
-        rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
-    scale, shift = _scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center, eps=eps)
+    scale, shift = _scale_and_shift_by_tensor_rules(
+        moments, step, check_on_host=x.device.type == "cpu" and not _is_compiling()
+        and not _kernels._transforms_active(),
+    )  # fmt: skip
     save_output = _output_saving(act, save, x, scale)
     return apply_function(
         _NormalizedActivationFn, x, scale, shift, act, channel_dim, save_output

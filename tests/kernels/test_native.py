@@ -140,6 +140,23 @@ def test_native_against_float64(name, params):
     check_against_float64("native", name, params, (8, 4, 5, 5))
 
 
+def step_by_backend(make_module, x, g, backends, alpha=None):
+    """One forward and backward of a fresh ``make_module()`` per backend (α filled with
+    ``alpha`` when given): ``{backend: (out, ∂L/∂x, ∂L/∂α, grad_fn's name)}``."""
+    results = {}
+    for backend in backends:
+        module = make_module()
+        if alpha is not None:
+            with torch.no_grad():
+                module.alpha.fill_(alpha)
+        xi = x.detach().clone().requires_grad_()
+        with K.backend(backend):
+            out = module(xi)
+        out.backward(g)
+        results[backend] = (out.detach(), xi.grad, module.alpha.grad, type(out.grad_fn).__name__)
+    return results
+
+
 def check_against_float64(backend, name, params, shape):
     """Output, ∂L/∂x, ∂L/∂α and the running statistics of ``backend`` in float32 against
     the eager op run on the input in float64 (also run by tests/kernels/test_triton.py)."""
@@ -175,25 +192,14 @@ def test_native_output_saving_and_ties_match_eager(name, params, cd):
     x.view(-1)[:3] = 0.0
     x.view(-1)[3:6] = 1e-9
     g = torch.randn(shape)
-    results = {}
-    for backend in ("native", "eager"):
-        c = None if cd is None else shape[cd]
-        module = anact.NormalizedActivation(
-            name,
-            c,
-            channel_dim=cd,
-            save="output",
-            activation_params=params,
-            track_running_stats=False,
-        )
-        with torch.no_grad():
-            module.alpha.fill_(0.3)
-        xi = x.clone().requires_grad_()
-        with K.backend(backend):
-            out = module(xi)
-        out.backward(g)
-        results[backend] = (out.detach(), xi.grad, module.alpha.grad)
-    (o_n, gx_n, ga_n), (o_e, gx_e, ga_e) = results["native"], results["eager"]
+    c = None if cd is None else shape[cd]
+    results = step_by_backend(
+        lambda: anact.NormalizedActivation(name, c, channel_dim=cd, save="output",
+                                           activation_params=params, track_running_stats=False),
+        x, g, ("native", "eager"), alpha=0.3,
+    )  # fmt: skip
+    (o_n, gx_n, ga_n, fn_n), (o_e, gx_e, ga_e, fn_e) = results["native"], results["eager"]
+    assert fn_n.startswith("NativeNormalized") and not fn_e.startswith("NativeNormalized")
     # the scale comes from sums in a different order: compare the element formulas given it
     s = (o_e / torch.where(o_n == 0, torch.ones_like(o_n), o_n)).nanmedian()
     assert abs(float(s) - 1) < 1e-5
@@ -396,15 +402,16 @@ def test_plan_call_gives_kind_and_layout_and_forward_refuses_other_calls():
     assert native.plan_call(xc, lrelu, 2, None)[1:] == ((4, 5, 18), (0, 2, 3, 1))
     assert native.plan_call(x.double(), swish, None, None) is None
     assert not native.applies(x.double(), swish, None, None)
-    kw = dict(training=True, momentum=0.1, bounds=None, beta=0.3, center=True, channel_dim=None,
-              eps=1e-5, reduce_moments=None, on_invalid=lambda: None, save_output=False,
-              on_moments=None)  # fmt: skip
+    step = AF.StatisticsStep((None,) * 4, torch.zeros(()), training=True, momentum=0.1,
+                             bounds=None, beta=0.3, center=True, eps=1e-5, reduce_moments=None,
+                             on_moments=None)  # fmt: skip
+    kw = dict(channel_dim=None, save_output=False)
     with pytest.raises(ValueError, match="cannot run this call"):
-        native.forward(x.double(), swish, None, None, None, None, torch.zeros(()), **kw)
+        native.forward(x.double(), swish, step, **kw)
     # without a plan, forward makes one: the same output as with it
     plan = native.plan_call(x, swish, None, None)
-    a = native.forward(x, swish, None, None, None, None, torch.zeros(()), **kw)
-    b = native.forward(x, swish, None, None, None, None, torch.zeros(()), **kw, plan=plan)
+    a = native.forward(x, swish, step, **kw)
+    b = native.forward(x, swish, step, **kw, plan=plan)
     assert torch.equal(a, b)
 
 

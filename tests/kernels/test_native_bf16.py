@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_native import SHAPES
+from test_native import SHAPES, step_by_backend
 
 import anact
 import anact.kernels as K
@@ -158,15 +158,10 @@ def test_bf16_ties_are_moved_and_gradients_follow_the_sign(cd):
     x.view(-1)[:40] = 1e-3  # below ulp(μ)/2 in bfloat16: (δ − μ) rounds onto −μ
     x.view(-1)[40:50] = 0.0
     c = None if cd is None else shape[cd]
-    outs = {}
-    for backend in ("native", "eager"):
-        module = anact.NReLU(c, channel_dim=cd, track_running_stats=False)
-        xi = x.detach().requires_grad_()
-        with K.backend(backend):
-            out = module(xi)
-        out.backward(torch.ones_like(out))
-        outs[backend] = (out.detach(), xi.grad)
-    (out_n, gx_n), (out_e, gx_e) = outs["native"], outs["eager"]
+    outs = step_by_backend(lambda: anact.NReLU(c, channel_dim=cd, track_running_stats=False),
+                           x, torch.ones_like(x), ("native", "eager"))  # fmt: skip
+    (out_n, gx_n, _, fn_n), (out_e, gx_e, _, _) = outs["native"], outs["eager"]
+    assert fn_n.startswith("NativeNormalized")
     assert torch.equal(out_n, out_e)
     assert torch.equal(gx_n, gx_e)
     assert torch.equal(gx_n != 0, x > 0)  # the tiny positives kept their gradient

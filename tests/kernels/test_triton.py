@@ -28,6 +28,7 @@ from test_native import (
     check_against_float64,
     check_hooks_get_moments_like_eager,
     check_model_training_matches_eager,
+    step_by_backend,
 )
 from test_native_bf16 import check_bf16_against_float64
 
@@ -220,11 +221,13 @@ def test_triton_guards_behave_like_eager(make_x, track):
         with K.backend(backend), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = module(x)
-        return out, dict(module.state_dict()), [type(w.message) for w in caught
-                                                if issubclass(type(w.message), WARNINGS)]
+        return out, dict(module.state_dict()), [(w.category, w.filename) for w in caught
+                                                if issubclass(w.category, WARNINGS)]
 
     (oe, se, we), (ot, st, wt) = run("eager"), run("triton")
-    assert we == wt
+    assert we == wt  # the same warnings, each naming this file (the caller's line)
+    assert all(filename == __file__ for _, filename in wt)
+    we = [category for category, _ in we]
     if track:
         assert AF.StatisticsWarning in we
     torch.testing.assert_close(ot, oe, equal_nan=True)
@@ -266,19 +269,13 @@ def test_triton_output_saving_and_ties_match_eager(cd, dtype):
     x.view(-1)[3:6] = 1e-9 if dtype is torch.float32 else 1e-4  # ties in each dtype
     x, g = x.to(dtype), torch.randn(shape).to(dtype)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    results = {}
-    for backend in ("triton", "eager"):
-        module = anact.NReLU(None if cd is None else shape[cd], channel_dim=cd,
-                             track_running_stats=False)  # fmt: skip
-        with torch.no_grad():
-            module.alpha.fill_(0.3)
-        xi = x.clone().requires_grad_()
-        with K.backend(backend):
-            out = module(xi)
-        out.backward(g)
-        assert (backend == "triton") == type(out.grad_fn).__name__.startswith("Triton")
-        results[backend] = (out.detach(), xi.grad, module.alpha.grad)
-    (o_t, gx_t, ga_t), (o_e, gx_e, ga_e) = results["triton"], results["eager"]
+    results = step_by_backend(
+        lambda: anact.NReLU(None if cd is None else shape[cd], channel_dim=cd,
+                            track_running_stats=False),
+        x, g, ("triton", "eager"), alpha=0.3,
+    )  # fmt: skip
+    (o_t, gx_t, ga_t, fn_t), (o_e, gx_e, ga_e, fn_e) = results["triton"], results["eager"]
+    assert fn_t.startswith("Triton") and not fn_e.startswith("Triton")
     torch.testing.assert_close(o_t, o_e, rtol=tol, atol=tol / 10)
     torch.testing.assert_close(gx_t, gx_e, rtol=tol, atol=tol / 10)
     torch.testing.assert_close(ga_t, ga_e, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))

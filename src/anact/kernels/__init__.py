@@ -46,12 +46,15 @@ import os
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from anact.activations import Activation, _forward_ad_active, _transforms_active
+
+if TYPE_CHECKING:
+    from anact.functional import StatisticsStep
 
 __all__ = [
     "BACKENDS",
@@ -209,27 +212,26 @@ class _Runner:
             return out
         return fn(*cargs)
 
-    def prepare(self, x, mask, rr, rrp, rm, nbt, act, cfg):
+    def prepare(self, x, mask, running, act, cfg):
         from anact.kernels import fused
 
-        def f(x, mask, rr, rrp, rm, nbt):
-            return fused.prepare(x, mask, rr, rrp, rm, nbt, act=act, cfg=cfg)
+        def f(x, mask, *running):
+            return fused.prepare(x, mask, running, act=act, cfg=cfg)
 
-        key = (_act_key(act), cfg, _tensor_key(x), _tensor_key(mask), _tensor_key(rr),
-               _tensor_key(nbt))  # fmt: skip
-        return self._call("prepare", key, f, x, mask, rr, rrp, rm, nbt)
+        key = (_act_key(act), cfg, _tensor_key(x), _tensor_key(mask), _tensor_key(running[0]),
+               _tensor_key(running[3]))  # fmt: skip
+        return self._call("prepare", key, f, x, mask, *running)
 
-    def finish(self, moments, rr, rrp, rm, nbt, cfg):
-        from anact.kernels import fused
-
-        def f(count, mean_x, var_x, mean_y, var_y, mean_dsq, rr, rrp, rm, nbt):
-            moments = AF.BatchMoments(count, mean_x, var_x, mean_y, var_y, mean_dsq)
-            return fused.finish(moments, rr, rrp, rm, nbt, cfg=cfg)
-
+    def finish(self, moments, running, cfg):
         from anact import functional as AF
+        from anact.kernels import fused
 
-        key = (cfg, *(_tensor_key(m) for m in moments), _tensor_key(rr), _tensor_key(nbt))
-        return self._call("finish", key, f, *moments, rr, rrp, rm, nbt)
+        def f(*args):  # the six moments, then the running buffers
+            return fused.finish(AF.BatchMoments(*args[:6]), args[6:], cfg=cfg)
+
+        key = (cfg, *(_tensor_key(m) for m in moments), _tensor_key(running[0]),
+               _tensor_key(running[3]))  # fmt: skip
+        return self._call("finish", key, f, *moments, *running)
 
     def output(self, x, scale, shift, act, channel_dim):
         from anact.kernels import fused
@@ -318,31 +320,18 @@ def _choose(x: Tensor, channel_dim: int | None) -> _Runner | None:
 def dispatch(
     x: Tensor,
     act: Activation,
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    alpha: Tensor,
+    step: StatisticsStep,
     *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
     channel_dim: int | None,
-    eps: float,
     mask: Tensor | None,
-    reduce_moments: Callable | None,
-    on_invalid: Callable[[], None],
     save_output: Callable[[Tensor], bool] | bool = False,
-    on_moments: Callable | None = None,
 ) -> Tensor | None:
     """The normalized activation through the selected fast path, or None for eager.
 
-    Arguments as :func:`anact.functional.normalized_activation` (already
-    checked); ``on_invalid`` is called when the batch cannot define the
-    statistics (it warns, as the reference does); ``save_output``: whether backward
-    keeps the output instead of x, or a function of the scale that says so.
+    Arguments as :func:`anact.functional.normalized_activation` takes them (already
+    checked), the statistics' ones bundled in ``step`` (an
+    :class:`anact.functional.StatisticsStep`); ``save_output``: whether backward keeps
+    the output instead of x, or a function of the scale that says so.
     """
     if _forward_ad_active():  # tangents: the eager op's jvp rule
         return None
@@ -350,47 +339,34 @@ def dispatch(
     for fast in _pass_backends(x):  # the Triton kernels, the C passes: where they apply
         plan = fast.plan_call(x, act, cd, mask)
         if plan is not None:
-            return fast.forward(
-                x, act, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                alpha, training=training, momentum=momentum, bounds=bounds, beta=beta,
-                center=center, channel_dim=cd, eps=eps, reduce_moments=reduce_moments,
-                on_invalid=on_invalid, save_output=save_output, on_moments=on_moments,
-                plan=plan,
-            )  # fmt: skip
+            return fast.forward(x, act, step, channel_dim=cd, save_output=save_output,
+                                plan=plan)  # fmt: skip
     runner = _choose(x, channel_dim)
     if runner is None:
         return None
     from anact import functional as AF
     from anact.kernels import fused
 
-    has_running = running_rho is not None
     if mask is not None:
         mask = AF._check_mask(x, mask)
-    cfg = fused.PrepareConfig(
-        channel_dim=cd, training=training, has_running=has_running, has_mask=mask is not None,
-        momentum=momentum, bounds=None if bounds is None else tuple(float(b) for b in bounds),
-        center=center, eps=float(eps), reduce_moments=reduce_moments is not None,
-        observe=on_moments is not None and reduce_moments is None
-        and (training or not has_running),
-    )  # fmt: skip
+    cfg = fused.PrepareConfig.of(step, cd, mask is not None)
+    running = step.running
     xd = x.detach()
     with torch.no_grad():
-        out = runner.prepare(xd, mask, running_rho, running_rho_prime, running_mean,
-                             num_batches_tracked, act, cfg)  # fmt: skip
+        out = runner.prepare(xd, mask, running, act, cfg)
         if cfg.observe:
-            on_moments(AF.BatchMoments(*out[3:]))
+            step.on_moments(AF.BatchMoments(*out[3:]))
             out = out[:3]
-        if cfg.reduce_moments and (training or not has_running):
+        if cfg.reduce_moments and AF._uses_batch(step):
             moments = AF.BatchMoments(*out)
-            if on_moments is not None:
-                on_moments(moments)  # this process's, before the reduction
-            moments = reduce_moments(moments)
-            out = runner.finish(moments, running_rho, running_rho_prime, running_mean,
-                                num_batches_tracked, cfg)  # fmt: skip
+            if step.on_moments is not None:
+                step.on_moments(moments)  # this process's, before the reduction
+            moments = step.reduce_moments(moments)
+            out = runner.finish(moments, running, cfg)
     lam, shift, valid = out
-    if (training or not has_running) and x.device.type == "cpu" and not bool(valid.all()):
-        on_invalid()
-    scale = lam.to(alpha.dtype) + beta * torch.tanh(alpha)
+    if AF._uses_batch(step) and x.device.type == "cpu" and not bool(valid.all()):
+        AF._warn_unusable_batch()
+    scale = lam.to(step.alpha.dtype) + step.beta * torch.tanh(step.alpha)
     if callable(save_output):
         save_output = save_output(scale)
     return AF.apply_function(

@@ -47,7 +47,7 @@ __all__ = [
     "output_nudged",
     "backward_from_output",
     "FusedNormalizedActivationFn",
-    "differentiable_grads",
+    "create_graph_grads",
 ]
 
 
@@ -65,6 +65,22 @@ class PrepareConfig:
     eps: float
     reduce_moments: bool  # when True, _prepare stops after the moments
     observe: bool = False  # when True, _prepare also returns the moments (for a monitor)
+
+    @classmethod
+    def of(cls, step: AF.StatisticsStep, channel_dim: int | None,
+           has_mask: bool) -> PrepareConfig:  # fmt: skip
+        """The configuration of a call's :class:`anact.functional.StatisticsStep`."""
+        has_running = step.running[0] is not None
+        bounds = step.bounds
+        return cls(
+            channel_dim=channel_dim, training=step.training, has_running=has_running,
+            has_mask=has_mask, momentum=step.momentum,
+            bounds=None if bounds is None else (float(bounds[0]), float(bounds[1])),
+            center=step.center, eps=float(step.eps),
+            reduce_moments=step.reduce_moments is not None,
+            observe=step.on_moments is not None and step.reduce_moments is None
+            and (step.training or not has_running),
+        )  # fmt: skip
 
 
 def _gelu_joint(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,15 +142,13 @@ def fused_moments(x: Tensor, act: Activation, channel_dim: int | None) -> AF.Bat
 def prepare(
     x: Tensor,
     mask: Tensor | None,
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
+    running: tuple[Tensor | None, ...],
     *,
     act: Activation,
     cfg: PrepareConfig,
 ) -> tuple[Tensor, ...]:
-    """Forward pass 1: the batch moments, the running update and λ, μ (no gradient).
+    """Forward pass 1: the batch moments, the running update and λ, μ (no gradient);
+    ``running``: the buffers ρ, ρ', μ, count (all None: none).
 
     Returns ``(lam, shift, valid)``, or the six moments when
     ``cfg.reduce_moments`` (the caller reduces them and calls :func:`finish`), or
@@ -147,30 +161,21 @@ def prepare(
             moments = fused_moments(x, act, cfg.channel_dim)
         if cfg.reduce_moments:
             return tuple(moments)
-        out = finish(moments, running_rho, running_rho_prime, running_mean,
-                     num_batches_tracked, cfg=cfg)
+        out = finish(moments, running, cfg=cfg)
         return (*out, *moments) if cfg.observe else out
-    return finish(None, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-                  cfg=cfg)
+    return finish(None, running, cfg=cfg)
 
 
 def finish(
-    moments: AF.BatchMoments | None,
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    *,
-    cfg: PrepareConfig,
+    moments: AF.BatchMoments | None, running: tuple[Tensor | None, ...], *, cfg: PrepareConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Statistics → running update → ``(lam, shift, valid)``, as the reference does."""
     if moments is not None:
         rho, rho_prime, mu, valid = AF._normalization_stats(
-            moments, running_rho, running_rho_prime, running_mean, num_batches_tracked,
-            training=cfg.training, momentum=cfg.momentum, bounds=cfg.bounds,
-        )  # fmt: skip
+            moments, *running, training=cfg.training, momentum=cfg.momentum, bounds=cfg.bounds
+        )
     else:
-        rho, rho_prime, mu = running_rho, running_rho_prime, running_mean
+        rho, rho_prime, mu = running[:3]
         valid = torch.ones((), dtype=torch.bool, device=rho.device)
     lam = AF.lambda_factor(rho, rho_prime, cfg.eps)
     shift = mu.clone() if cfg.center else torch.zeros_like(mu)
@@ -259,19 +264,24 @@ def backward_from_output(
     return grad_x, grad_scale
 
 
-def differentiable_grads(ctx, saved: Tensor, grad_out: Tensor, scale: Tensor,
-                         shift: Tensor) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
-    """(∂L/∂x, ∂L/∂scale) by the eager formulas, which autograd can differentiate again: a
-    fast path Function's backward under ``create_graph=True`` (``ctx`` holds act,
-    channel_dim, saved_output and the needs_input_grad of x and scale; ``saved`` is x, or
-    the output where saved_output)."""
+def create_graph_grads(ctx, grad_out: Tensor, n_inputs: int) -> tuple | None:
+    """A fast path Function's backward under ``create_graph=True`` (grad mode on in
+    backward): ∂L/∂x, ∂L/∂scale by the eager formulas, which autograd can differentiate
+    again, then None for the Function's other inputs (``n_inputs`` in all); None when
+    grad mode is off (the kernels' backward runs). ``ctx`` holds act, channel_dim and
+    saved_output, and saved x (or the output where saved_output), scale and shift."""
+    if not torch.is_grad_enabled():
+        return None
+    saved, scale, shift = ctx.saved_tensors
     need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     act, cd = ctx.act, ctx.channel_dim
     if ctx.saved_output:
-        return AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
-                                     need_scale, inplace=False)  # fmt: skip
-    return backward_pass(saved, grad_out, scale, shift, act=act, channel_dim=cd,
-                         need_x=need_x, need_scale=need_scale)  # fmt: skip
+        grads = AF._grads_from_output(saved, grad_out, scale, shift, act, cd, need_x,
+                                      need_scale, inplace=False)  # fmt: skip
+    else:
+        grads = backward_pass(saved, grad_out, scale, shift, act=act, channel_dim=cd,
+                              need_x=need_x, need_scale=need_scale)  # fmt: skip
+    return (*grads, *(None,) * (n_inputs - 2))
 
 
 class FusedNormalizedActivationFn(torch.autograd.Function):
@@ -296,18 +306,18 @@ class FusedNormalizedActivationFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, scale, shift, act, channel_dim, runner, *rest = inputs
-        ctx.saved_output = bool(rest and rest[0]) and not AF._scale_has_zero(scale)
-        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+        AF._save_input_or_output(ctx, x, output, scale, shift, bool(rest and rest[0]))
         ctx.act, ctx.channel_dim, ctx.runner = act, channel_dim, runner
 
     @staticmethod
     def backward(ctx, grad_out):
+        grads = create_graph_grads(ctx, grad_out, 7)
+        if grads is not None:
+            return grads
         saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cd = ctx.channel_dim
-        if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
-            grad_x, grad_scale = differentiable_grads(ctx, saved, grad_out, scale, shift)
-        elif ctx.saved_output:
+        if ctx.saved_output:
             s = AF._broadcast_shape(saved, cd, scale).to(saved.dtype)
             t = (-AF._broadcast_shape(saved, cd, shift).to(saved.dtype)) * s
             grad_x, grad_scale = ctx.runner.backward_from_output(

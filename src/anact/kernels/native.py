@@ -245,28 +245,16 @@ def _finish_applies(buffers: tuple[Tensor | None, ...], alpha: Tensor, c: int,
 
 
 def _finish(
-    sums: Tensor | None,
-    count: int,
-    c: int,
-    per_channel: bool,
-    buffers: tuple[Tensor | None, ...],
-    alpha: Tensor,
-    *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
-    eps: float | None,
+    sums: Tensor | None, count: int, c: int, per_channel: bool, step: AF.StatisticsStep,
     stat_dtype: torch.dtype,
-    on_invalid: Callable[[], None],
 ) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` from the C sums (None: eval, the running values) by
     ``_nactcpu.finish``: the batch statistics, the running update and λ in double, in
     the order of the rules of :func:`anact.functional.moments_to_stats` and
     :func:`~anact.functional.update_running_stats`, each stored value rounded once to
     its buffer's dtype (the tensor rules round each float32 operation)."""
-    rho, rho_prime, mean, tracked = buffers
+    rho, rho_prime, mean, tracked = step.running
+    alpha, momentum, bounds, eps = step.alpha, step.momentum, step.bounds, step.eps
     has_running = rho is not None
     shift_dtype = mean.dtype if has_running else stat_dtype
     lam_c = shift = None
@@ -280,55 +268,19 @@ def _finish(
           else (0, 0, 0)),
         has_running and rho.dtype is torch.float64, tracked.data_ptr() if has_running else 0,
         has_running and tracked.dim() > 0 and tracked.numel() == c,  # a count per channel
-        training, math.nan if momentum is None else float(momentum), bounds is not None,
-        float(low), float(high), math.nan if eps is None else float(eps), center,
+        step.training, math.nan if momentum is None else float(momentum), bounds is not None,
+        float(low), float(high), math.nan if eps is None else float(eps), step.center,
         0 if lam_c is None else lam_c.data_ptr(), alpha.dtype is torch.float64,
         0 if shift is None else shift.data_ptr(), shift_dtype is torch.float64,
     )  # fmt: skip
-    if sums is not None and has_running and training:
-        torch.autograd.graph.increment_version(buffers)  # written in place by C
+    if sums is not None and has_running and step.training:
+        torch.autograd.graph.increment_version(step.running)  # written in place by C
     if invalid:
-        on_invalid()
-    scale = torch.tanh(alpha).mul(beta).add(lam if lam_c is None else lam_c)  # eq. 15
+        AF._warn_unusable_batch()
+    scale = torch.tanh(alpha).mul(step.beta).add(lam if lam_c is None else lam_c)  # eq. 15
     if shift is None:
         shift = torch.full((), mu, dtype=shift_dtype, device="cpu")
     return scale, shift
-
-
-def scale_by_tensor_rules(
-    moments: AF.BatchMoments | None,
-    buffers: tuple[Tensor | None, ...],
-    alpha: Tensor,
-    *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
-    eps: float,
-    on_moments: Callable | None,
-    reduce_moments: Callable | None,
-    on_invalid: Callable[[], None],
-    check_on_host: bool,
-) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` from a pass's batch moments (None: eval, the running values) by
-    :mod:`anact.functional`'s tensor rules, calling the moments observer and the
-    cross-process reduction on the way: the statistics' step of the native and Triton
-    paths where their own (one C call, one kernel) does not apply. ``check_on_host``:
-    read the validity back and call ``on_invalid`` (not on a GPU: no synchronisation)."""
-    if moments is not None:
-        if on_moments is not None:
-            on_moments(moments)  # this process's, before the reduction
-        if reduce_moments is not None:
-            moments = reduce_moments(moments)
-        rho, rho_prime, mu, valid = AF._normalization_stats(
-            moments, *buffers, training=training, momentum=momentum, bounds=bounds
-        )
-        if check_on_host and not bool(valid.all()):
-            on_invalid()
-    else:
-        rho, rho_prime, mu = buffers[:3]
-    return AF._scale_and_shift(rho, rho_prime, mu, alpha, beta=beta, center=center, eps=eps)
 
 
 def grad_in_layout(grad_out: Tensor, saved: Tensor, order: tuple[int, ...]) -> Tensor:
@@ -376,21 +328,19 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, scale, shift, act, channel_dim, kind, layout, order, _, _, save_output = inputs
-        # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
-        ctx.saved_output = bool(save_output) and not AF._scale_has_zero(scale)
-        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+        AF._save_input_or_output(ctx, x, output, scale, shift, save_output)
         ctx.act, ctx.channel_dim, ctx.kind, ctx.layout = act, channel_dim, kind, layout
         ctx.order = order
 
     @staticmethod
     def backward(ctx, grad_out):
+        from anact.kernels import fused
+
+        grads = fused.create_graph_grads(ctx, grad_out, 11)  # create_graph=True: eager's
+        if grads is not None:
+            return grads
         saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
-            from anact.kernels import fused
-
-            grads = fused.differentiable_grads(ctx, saved, grad_out, scale, shift)
-            return (*grads, None, None, None, None, None, None, None, None, None)
         outer, c, inner = ctx.layout
         kind, p0, p1 = ctx.kind
         storage = saved.dtype  # x's: float32 or bfloat16
@@ -423,23 +373,10 @@ class NativeNormalizedActivationFn(torch.autograd.Function):
 def forward(
     x: Tensor,
     act: Activation,
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    alpha: Tensor,
+    step: AF.StatisticsStep,
     *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
     channel_dim: int | None,
-    eps: float,
-    reduce_moments: Callable | None,
-    on_invalid: Callable[[], None],
     save_output: Callable[[Tensor], bool] | bool,
-    on_moments: Callable | None,
     plan: Plan | None = None,
 ) -> Tensor:
     """:func:`anact.functional.normalized_activation` by the C passes, with the ``plan``
@@ -451,8 +388,7 @@ def forward(
                          "use anact.functional.normalized_activation, which chooses a path")
     kind, layout, order = plan
     outer, c, inner = layout
-    has_running = running_rho is not None
-    batch = training or not has_running
+    batch = AF._uses_batch(step)
     out = torch.empty_like(x)  # x's layout (dense: its strides)
     sums = None
     if batch:
@@ -460,21 +396,14 @@ def forward(
         _nactcpu.stats(x.data_ptr(), out.data_ptr(), outer, c, inner, kind[0], kind[1], kind[2],
                        sums.data_ptr(), _threads(x.numel()), x.dtype is torch.bfloat16)  # fmt: skip
     stat_dtype = AF._stat_dtype(x)
-    buffers = (running_rho, running_rho_prime, running_mean, num_batches_tracked)
-    if on_moments is None and reduce_moments is None and _finish_applies(buffers, alpha, c):
+    per_channel = channel_dim is not None
+    if (step.on_moments is None and step.reduce_moments is None
+            and _finish_applies(step.running, step.alpha, c)):  # fmt: skip
         # statistics, running update and λ in one C call (eq. 13, 16–18, 31)
-        scale, shift = _finish(sums, outer * inner, c, channel_dim is not None, buffers, alpha,
-                               training=training, momentum=momentum, bounds=bounds, beta=beta,
-                               center=center, eps=eps, stat_dtype=stat_dtype,
-                               on_invalid=on_invalid)  # fmt: skip
+        scale, shift = _finish(sums, outer * inner, c, per_channel, step, stat_dtype)
     else:
-        moments = (_moments(sums, outer * inner, channel_dim is not None, stat_dtype)
-                   if batch else None)  # fmt: skip
-        scale, shift = scale_by_tensor_rules(
-            moments, buffers, alpha, training=training, momentum=momentum, bounds=bounds,
-            beta=beta, center=center, eps=eps, on_moments=on_moments,
-            reduce_moments=reduce_moments, on_invalid=on_invalid, check_on_host=True,
-        )  # fmt: skip
+        moments = _moments(sums, outer * inner, per_channel, stat_dtype) if batch else None
+        scale, shift = AF._scale_and_shift_by_tensor_rules(moments, step, check_on_host=True)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         # nothing to differentiate (inference, no_grad): the pass without autograd's node
         return NativeNormalizedActivationFn.forward(

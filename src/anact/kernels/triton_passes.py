@@ -143,23 +143,10 @@ def _constants(device: torch.device, momentum: float, low: float, high: float,
 def forward(
     x: Tensor,
     act: Activation,
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    alpha: Tensor,
+    step: AF.StatisticsStep,
     *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
     channel_dim: int | None,
-    eps: float,
-    reduce_moments: Callable | None,
-    on_invalid: Callable[[], None],
     save_output: Callable[[Tensor], bool] | bool,
-    on_moments: Callable | None,
     plan: native.Plan,
 ) -> Tensor:
     """:func:`anact.functional.normalized_activation` by the Triton kernels, for a call
@@ -168,36 +155,27 @@ def forward(
     (kind, p0, p1), (outer, c, inner), order = plan
     rows = outer * inner
     layout, block_r, block_c = _tiling(c, inner)
-    has_running = running_rho is not None
-    batch = training or not has_running
     per_channel = channel_dim is not None
     xd = x.detach()
-    buffers = (running_rho, running_rho_prime, running_mean, num_batches_tracked)
     with _device_of(x):
         part = pilot = None
-        if batch:
+        if AF._uses_batch(step):
             grid = _grid(rows, c, block_r, block_c)
             part = torch.empty((grid[0], c, 5), dtype=torch.float32, device=x.device)
             pilot = torch.empty((c, 2), dtype=torch.float32, device=x.device)
             K.stats_kernel[grid](xd, part, pilot, rows, c, inner, p0, p1, KIND=kind,
                                  LAYOUT=layout, BLOCK_R=block_r, BLOCK_C=block_c,
                                  **EXACT)  # fmt: skip
-        if (on_moments is None and reduce_moments is None
-                and native._finish_applies(buffers, alpha, c, x.device)):  # fmt: skip
-            scale, shift = _finish(part, pilot, rows, c, per_channel, buffers, alpha,
-                                   training=training, momentum=momentum, bounds=bounds,
-                                   beta=beta, center=center, eps=eps, on_invalid=on_invalid,
-                                   device=x.device)  # fmt: skip
+        if (step.on_moments is None and step.reduce_moments is None
+                and native._finish_applies(step.running, step.alpha, c, x.device)):  # fmt: skip
+            scale, shift = _finish(part, pilot, rows, c, per_channel, step, x.device)
         else:
             moments = None
-            if batch:  # the C rows' layout: the five sums, then the pilots kx, ky
+            if part is not None:  # the C rows' layout: the five sums, then the pilots kx, ky
                 sums = torch.cat([part.sum(0, dtype=torch.float64), pilot.double()], dim=1)
                 moments = native._moments(sums, rows, per_channel, AF._stat_dtype(x))
-            scale, shift = native.scale_by_tensor_rules(
-                moments, buffers, alpha, training=training, momentum=momentum, bounds=bounds,
-                beta=beta, center=center, eps=eps, on_moments=on_moments,
-                reduce_moments=reduce_moments, on_invalid=on_invalid, check_on_host=x.is_cpu,
-            )  # fmt: skip
+            scale, shift = AF._scale_and_shift_by_tensor_rules(moments, step,
+                                                               check_on_host=x.is_cpu)  # fmt: skip
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         return TritonNormalizedActivationFn.forward(x, scale, shift, act, channel_dim, plan,
                                                     False)  # fmt: skip
@@ -208,29 +186,16 @@ def forward(
 
 
 def _finish(
-    part: Tensor | None,
-    pilot: Tensor | None,
-    count: int,
-    c: int,
-    per_channel: bool,
-    buffers: tuple[Tensor | None, ...],
-    alpha: Tensor,
-    *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
-    eps: float | None,
-    on_invalid: Callable[[], None],
-    device: torch.device,
+    part: Tensor | None, pilot: Tensor | None, count: int, c: int, per_channel: bool,
+    step: AF.StatisticsStep, device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` by the finish kernel (None partials: eval, the running values)."""
     K = _kernels()
-    rho, rho_prime, mean, tracked = buffers
+    rho, rho_prime, mean, tracked = step.running
+    momentum, bounds, eps = step.momentum, step.bounds, step.eps
     has_running = rho is not None
     shift_dtype = mean.dtype if has_running else torch.float32
-    lam = torch.empty(c, dtype=alpha.dtype, device=device)
+    lam = torch.empty(c, dtype=step.alpha.dtype, device=device)
     shift = torch.empty(c, dtype=shift_dtype, device=device)
     bad = torch.empty(1, dtype=torch.int32, device=device)  # always written
     low, high = bounds if bounds is not None else (0.0, 0.0)
@@ -242,18 +207,18 @@ def _finish(
         0 if part is None else part.shape[0], c, count, consts,
         *((rho, rho_prime, mean, tracked) if has_running else (dummy, dummy, dummy, bad)),
         lam, shift, bad,
-        HAS_BATCH=part is not None, HAS_RUNNING=has_running, TRAINING=training,
+        HAS_BATCH=part is not None, HAS_RUNNING=has_running, TRAINING=step.training,
         CUMULATIVE=momentum is None, HAS_BOUNDS=bounds is not None,
         COUNT_PER_CHANNEL=has_running and tracked.dim() > 0 and tracked.numel() == c,
-        CENTER=center, HAS_EPS=eps is not None, **_finish_blocks(c), **EXACT,
+        CENTER=step.center, HAS_EPS=eps is not None, **_finish_blocks(c), **EXACT,
     )  # fmt: skip
-    if part is not None and has_running and training:
-        torch.autograd.graph.increment_version(buffers)  # written in place by the kernel
+    if part is not None and has_running and step.training:
+        torch.autograd.graph.increment_version(step.running)  # written in place by the kernel
     if part is not None and device.type == "cpu" and int(bad.item()):  # no sync on a GPU
-        on_invalid()
+        AF._warn_unusable_batch()
     if not per_channel:
         lam, shift = lam.reshape(()), shift.reshape(())
-    scale = torch.tanh(alpha).mul(beta).add(lam)  # eq. 15
+    scale = torch.tanh(step.alpha).mul(step.beta).add(lam)  # eq. 15
     return scale, shift
 
 
@@ -280,20 +245,18 @@ class TritonNormalizedActivationFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, scale, shift, act, channel_dim, plan, save_output = inputs
-        # s = 0 leaves no trace of δ(x) − shift in the output: keep x where that is seen
-        ctx.saved_output = bool(save_output) and not AF._scale_has_zero(scale)
-        ctx.save_for_backward(output if ctx.saved_output else x, scale, shift)
+        AF._save_input_or_output(ctx, x, output, scale, shift, save_output)
         ctx.act, ctx.channel_dim, ctx.plan = act, channel_dim, plan
 
     @staticmethod
     def backward(ctx, grad_out):
+        from anact.kernels import fused
+
+        grads = fused.create_graph_grads(ctx, grad_out, 7)  # create_graph=True: eager's
+        if grads is not None:
+            return grads
         saved, scale, shift = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():  # create_graph=True: the eager, differentiable formulas
-            from anact.kernels import fused
-
-            grads = fused.differentiable_grads(ctx, saved, grad_out, scale, shift)
-            return (*grads, None, None, None, None, None)
         K = _kernels()
         (kind, p0, p1), (outer, c, inner), order = ctx.plan
         layout, block_r, block_c = _tiling(c, inner)
