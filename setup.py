@@ -1,8 +1,9 @@
 """Build of anact's optional C extensions; the metadata lives in pyproject.toml.
 
-``anact._powersums`` (one-pass power sums for the training monitor on CPU) and
-``anact._nactcpu`` (the normalized activation's passes over float32 CPU memory, the
-``"native"`` backend of :mod:`anact.kernels`) are optional: where no C compiler is
+``anact._powersums`` (one-pass power sums for the training monitor and the eager
+per-tensor ReLU/LeakyReLU statistics on CPU) and ``anact._nactcpu`` (the normalized
+activation's passes over float32 and bfloat16 CPU memory, the ``"native"`` backend of
+:mod:`anact.kernels`) are optional: where no C compiler is
 available the install still succeeds and anact uses its PyTorch code (same numbers,
 slower).
 """

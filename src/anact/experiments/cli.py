@@ -1,6 +1,6 @@
 """Sub-commands ``anact reproduce <study>`` and ``anact report DIR``.
 
-``anact reproduce table1`` runs the study's default (about 11 minutes of one CPU
+``anact reproduce table1`` runs the study's default (about 6 minutes of one CPU
 core), stores every epoch in ``results/results.sqlite``, resumes anything
 interrupted, and writes ``results/report.md`` with figures. ``--paper`` runs the
 paper's protocol instead (Table 1: 25 runs × 50 epochs on the full training set).
@@ -161,7 +161,7 @@ def _study_lines() -> tuple[str, str, str]:
     epilog = (
         "quick defaults per study (--paper: the paper's protocol, mostly for a GPU):\n"
         + "\n".join(rows)
-        + "\n\ntable1's default takes about 11 minutes of one CPU core; the other studies' "
+        + "\n\ntable1's default takes about 6 minutes of one CPU core; the other studies' "
         "measured times\nare in docs/results.md."
     )
     dataset_help = "data set (the first is the study's default): " + "; ".join(

@@ -9,9 +9,9 @@ environment variable ``ANACT_BACKEND`` read at import):
 
 * ``"native"`` (default): the C passes of :mod:`anact.kernels.native` (built at install
   when a C compiler is present) for the built-in ReLU, LeakyReLU and Swish on float32
-  CPU tensors (large ones split over ``torch.get_num_threads()`` threads); the eager
-  reference everywhere else (other activations and dtypes, masks, CUDA, compile,
-  transforms, export);
+  and bfloat16 CPU tensors (large ones split over ``torch.get_num_threads()`` threads);
+  the eager reference everywhere else (other activations, float16 and float64, masks,
+  CUDA, compile, transforms, export);
 * ``"eager"``: the reference, torch ops only, no compilation;
 * ``"compiled"``: the fused kernels of :mod:`anact.kernels.fused` through
   ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton on CUDA), compiled once
