@@ -456,6 +456,30 @@ def test_merge_moments_equals_union():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("channel_dim", [None, 1])
+def test_merge_moments_rejects_a_non_finite_shard_as_the_union_does(bad, channel_dim):
+    """A NaN/Inf in one rank's batch makes the merged batch unusable on every rank, as it
+    makes one process's batch holding the same values unusable; an empty shard's NaN
+    moments still count for nothing."""
+    torch.manual_seed(2)
+    x = torch.randn(12, 3, 5)
+    x[5, :, 2] = bad  # in the second shard, in every channel
+    parts = [AF.batch_moments(x[i:i + 4], "relu", channel_dim=channel_dim) for i in (0, 4, 8)]
+    parts.append(AF.batch_moments(x[:2], "relu", channel_dim=channel_dim,
+                                  mask=torch.zeros(2, 1, 1, dtype=torch.bool)))  # empty shard
+    stacked = AF.BatchMoments(*(torch.stack(t) for t in zip(*parts, strict=True)))
+    merged_valid = AF.moments_to_stats(AF.merge_moments(stacked))[3]
+    union_valid = AF.moments_to_stats(AF.batch_moments(x, "relu", channel_dim=channel_dim))[3]
+    assert not union_valid.any()
+    assert torch.equal(merged_valid, union_valid)
+    # without the bad value, the same shards (the empty one included) merge to a usable batch
+    x[5, :, 2] = 0.5
+    parts[1] = AF.batch_moments(x[4:8], "relu", channel_dim=channel_dim)
+    stacked = AF.BatchMoments(*(torch.stack(t) for t in zip(*parts, strict=True)))
+    assert AF.moments_to_stats(AF.merge_moments(stacked))[3].all()
+
+
 def test_module_used_twice_in_one_graph():
     module = anact.NSwish()
     x = torch.randn(16, 8, requires_grad=True)

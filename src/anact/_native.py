@@ -22,5 +22,6 @@ DSQ_NONE, DSQ_SIGN_Y, DSQ_TANH_Y, DSQ_SIGMOID_Y, DSQ_ELU_Y, DSQ_SWISH_XY, DSQ_SI
 
 
 def readable(t: Tensor) -> bool:
-    """Whether the C sums may read ``t``: contiguous float32 in CPU memory."""
-    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+    """Whether the C sums may read ``t``: contiguous float32 in CPU memory, holding its
+    values (not a lazily negated view, whose memory holds −t)."""
+    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous() and not t.is_neg()

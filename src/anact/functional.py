@@ -238,19 +238,25 @@ def merge_moments(stacked: BatchMoments) -> BatchMoments:
     """Combine moments of K shards stacked along a leading dimension (K, ...).
 
     Exact (Chan et al.'s parallel variance): the result equals the moments of
-    the union of the shards. Shards with count 0 contribute nothing.
+    the union of the shards. Shards with count 0 contribute nothing (their NaN
+    moments are dropped); a NaN or Inf in a real shard reaches the result, so the
+    union is rejected as one process's batch with that value would be.
     """
     n = stacked.count
     total = n.sum(dim=0)
     w = torch.where(total > 0, n / total, torch.zeros_like(n))
+    real = n > 0
+
+    def of_real(t: Tensor) -> Tensor:
+        return torch.where(real, t, torch.zeros_like(t))
 
     def mean(t: Tensor) -> Tensor:
-        return (w * torch.nan_to_num(t)).sum(dim=0)
+        return (w * of_real(t)).sum(dim=0)
 
     mean_x, mean_y = mean(stacked.mean_x), mean(stacked.mean_y)
 
     def var(v: Tensor, mu_k: Tensor, mu: Tensor) -> Tensor:
-        return (w * (torch.nan_to_num(v) + (torch.nan_to_num(mu_k) - mu).square())).sum(dim=0)
+        return (w * (of_real(v) + (of_real(mu_k) - mu).square())).sum(dim=0)
 
     empty = total == 0
     nan = torch.full_like(mean_x, float("nan"))

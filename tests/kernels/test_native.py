@@ -654,3 +654,35 @@ def test_default_backend_is_native_and_the_environment_can_choose(monkeypatch):
     monkeypatch.setenv("ANACT_BACKEND", "fastest")
     with pytest.warns(K.KernelWarning, match="not one of"):
         assert K._from_environment() == "native"
+
+
+
+def check_negated_views_are_read_as_their_values(backend):
+    """A lazily negated view's memory holds −x: a path that reads raw memory must not take
+    it (or must take its values); outputs and running statistics equal the resolved
+    tensor's."""
+    torch.manual_seed(3)
+    base = torch.randn(8, 6) + 0.2
+    view = torch._neg_view(base)
+    assert view.is_neg() and torch.equal(view, -base)
+    for channel_dim in (None, 1):
+        outs = []
+        for x in (view, view.resolve_neg()):
+            module = anact.NReLU(None if channel_dim is None else 6, channel_dim=channel_dim)
+            with K.backend(backend):
+                outs.append((module(x), module.running_rho.clone(), module.running_mean.clone()))
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_neg_view"), reason="this torch has no negated views")
+def test_lazily_negated_views_are_read_as_their_values():
+    """The C passes, the eager statistics' C sums and the monitor's read raw memory."""
+    check_negated_views_are_read_as_their_values("native")
+    view = torch._neg_view(torch.randn(8, 6))
+    for a, b in zip(AF.batch_moments(view, "relu"), AF.batch_moments(view.resolve_neg(), "relu"),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    from anact.analysis import monitors
+
+    assert not monitors._c_readable(view)

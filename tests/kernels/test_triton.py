@@ -28,6 +28,7 @@ from test_native import (
     check_against_float64,
     check_hooks_get_moments_like_eager,
     check_model_training_matches_eager,
+    check_negated_views_are_read_as_their_values,
     step_by_backend,
 )
 from test_native_bf16 import check_bf16_against_float64
@@ -447,3 +448,8 @@ if CUDA_CHILD:  # collected only in the child process of test_triton_cuda_matche
         if dtype is torch.bfloat16:
             got, want = _without_alpha_grads(got), _without_alpha_grads(want)
         _assert_same(got, want, dtype)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_neg_view"), reason="this torch has no negated views")
+def test_triton_reads_negated_views_as_their_values():
+    check_negated_views_are_read_as_their_values("triton")

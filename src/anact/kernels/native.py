@@ -124,7 +124,10 @@ def native_kind(act: Activation) -> tuple[int, float, float] | None:
 def _memory_order(x: Tensor) -> tuple[int, ...] | None:
     """x's dimensions from outermost to innermost in memory when x is dense and
     non-overlapping (a permutation of a contiguous tensor, e.g. ``channels_last``);
-    ``()`` when x is contiguous; None otherwise (gaps or overlaps: a slice, an expand)."""
+    ``()`` when x is contiguous; None otherwise (gaps or overlaps: a slice, an expand; a
+    lazily negated view, whose memory holds −x: the passes read raw memory)."""
+    if x.is_neg():
+        return None
     if x.is_contiguous():
         return ()
     strides = x.stride()
