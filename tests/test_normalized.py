@@ -303,6 +303,81 @@ def test_unusable_batch_warning_points_at_the_callers_line(backend, per_channel)
     assert where == [(__file__, line), (__file__, line + 2)]
 
 
+def _state(c=None, dtype=torch.float32):
+    shape = () if c is None else (c,)
+    return [torch.ones(shape, dtype=dtype), torch.ones(shape, dtype=dtype),
+            torch.zeros(shape, dtype=dtype), torch.zeros((), dtype=torch.long)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change,channel_dim,error,match",
+    [
+        (lambda s, a: (s[:1] + [None] + s[2:], a), None, ValueError,
+         "got None for running_rho_prime"),
+        (lambda s, a: (s[:3] + [None], a), None, ValueError, "got None for num_batches_tracked"),
+        (lambda s, a: (s, torch.zeros(5)), None, ValueError,
+         r"alpha must have shape \(\) per tensor"),
+        (lambda s, a: (s, torch.zeros(())), 1, ValueError, r"alpha must have shape \(4,\)"),
+        (lambda s, a: (_state(3), a), 1, ValueError,
+         r"running_rho must have shape \(4,\) per channel: 4 channels in dimension 1"),
+        (lambda s, a: ([t.long() for t in s[:3]] + s[3:], a), None, TypeError,
+         "running_rho must be a floating-point tensor"),
+        (lambda s, a: (s[:3] + [s[3].float()], a), None, TypeError,
+         "num_batches_tracked must be an integer tensor"),
+        (lambda s, a: (s, 0.0), None, TypeError, "alpha must be a tensor"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_functional_checks_its_state_before_writing_any(change, channel_dim, error, match,
+                                                        backend):  # fmt: skip
+    """Bad state tensors: a clear error, and no buffer updated before it (both paths)."""
+    import anact.kernels as K
+
+    x = torch.randn(6, 4)
+    c = None if channel_dim is None else 4
+    state, alpha = change(_state(c), torch.zeros(() if c is None else (c,)))
+    before = [None if t is None else t.clone() for t in state]
+    with K.backend(backend), pytest.raises(error, match=match):
+        AF.normalized_activation(x, "relu", *state, alpha, training=True,
+                                 channel_dim=channel_dim)  # fmt: skip
+    for t, b in zip(state, before, strict=True):
+        assert (t is None and b is None) or torch.equal(t, b)
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        (dict(momentum=5.0), ValueError, r"momentum must be in \(0, 1\]"),
+        (dict(bounds=(3.0, 1.0)), ValueError, "bounds must satisfy"),
+        (dict(eps=-1.0), ValueError, "eps must be finite and > 0"),
+        (dict(beta="0.3"), TypeError, "beta must be a real number"),
+        (dict(training="no"), TypeError, "training must be a bool"),
+    ],
+)
+def test_functional_checks_its_options(kw, error, match):
+    state = _state()
+    kw = {"training": True, **kw}
+    with pytest.raises(error, match=match):
+        AF.normalized_activation(torch.randn(6, 4), "relu", *state, torch.zeros(()), **kw)
+    assert int(state[3]) == 0
+    with pytest.raises(TypeError, match="needs a tensor input"):
+        AF.normalized_activation([1.0, 2.0], "relu", *state, torch.zeros(()), training=True)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(center="no"), "center must be a bool"),
+        (dict(track_running_stats="no"), "track_running_stats must be a bool"),
+        (dict(dtype=torch.int64), "dtype must be a floating-point torch.dtype"),
+        (dict(dtype=torch.complex64), "dtype must be a floating-point torch.dtype"),
+    ],
+)
+def test_module_rejects_non_bool_flags_and_non_float_dtypes(kw, match):
+    with pytest.raises(TypeError, match=match):
+        anact.NReLU(**kw)
+
+
 def test_invalid_first_batch_keeps_next_batch_first():
     module = anact.NReLU()
     with warnings.catch_warnings():

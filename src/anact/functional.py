@@ -16,6 +16,7 @@ distributed training can reuse them:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import threading
@@ -114,6 +115,73 @@ def _check_channel_dim(x: Tensor, channel_dim: int | None) -> None:
         raise ValueError(
             f"channel_dim={channel_dim} is out of range for an input of shape {tuple(x.shape)}"
         )
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float, or a TypeError that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _check_options(
+    momentum: float | None, bounds: tuple[float, float] | None, beta: float, eps: float
+) -> tuple[float | None, tuple[float, float] | None, float, float]:
+    """The statistics' options as floats, or a clear error: momentum in (0, 1] or None
+    (cumulative average), bounds 0 <= L < 1 < U or None, beta finite >= 0, eps finite > 0."""
+    momentum = None if momentum is None else _real("momentum", momentum)
+    if momentum is not None and not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
+    if bounds is not None:
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(f"bounds must be a pair (L, U) or None, got {bounds!r}")
+        low, high = (_real("bounds", b) for b in bounds)
+        if not 0.0 <= low < 1.0 < high:
+            raise ValueError(f"bounds must satisfy 0 <= L < 1 < U, got {bounds}")
+        bounds = (low, high)
+    beta, eps = _real("beta", beta), _real("eps", eps)
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    return momentum, bounds, beta, eps
+
+
+_RUNNING_NAMES = ("running_rho", "running_rho_prime", "running_mean", "num_batches_tracked")
+
+
+def _check_state(x: Tensor, channel_dim: int | None, running: tuple[Tensor | None, ...],
+                 alpha: Tensor) -> None:  # fmt: skip
+    """The state :func:`normalized_activation` reads and writes, checked before anything is
+    written: the four running tensors all given or all None; floating-point statistics and
+    α, an integer count; shape () per tensor, (C,) per channel (the count () or (C,))."""
+    given = [t is not None for t in running]
+    if any(given) and not all(given):
+        missing = [n for n, g in zip(_RUNNING_NAMES, given, strict=True) if not g]
+        raise ValueError(
+            f"{', '.join(_RUNNING_NAMES)} must be all tensors (running statistics) or all "
+            f"None (batch statistics only); got None for {', '.join(missing)}"
+        )
+    c = None if channel_dim is None else x.shape[channel_dim]
+    want = () if c is None else (c,)
+    named = [("alpha", alpha), *zip(_RUNNING_NAMES, running if all(given) else (), strict=False)]
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        counter = name == "num_batches_tracked"
+        if counter and (t.is_floating_point() or t.is_complex() or t.dtype is torch.bool):
+            raise TypeError(f"num_batches_tracked must be an integer tensor, got {t.dtype}")
+        if not counter and not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float32 or float64), got {t.dtype}"
+            )
+        shape = tuple(t.shape)
+        if shape != want and not (counter and shape == ()):
+            where = ("per tensor (channel_dim=None)" if c is None
+                     else f"per channel: {c} channels in dimension {channel_dim} of x")
+            raise ValueError(
+                f"{name} must have shape {want} {where}, got {shape}"
+            )  # fmt: skip
 
 
 def _check_mask(x: Tensor, mask: Tensor) -> Tensor:
@@ -870,8 +938,57 @@ def normalized_activation(
         on_moments: called with this process's batch moments (before
             ``reduce_moments``) whenever they are computed; e.g. a training monitor.
     """
+    _check_input(x)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
+    _check_channel_dim(x, channel_dim)
+    running = (running_rho, running_rho_prime, running_mean, num_batches_tracked)
+    if torch.jit.is_tracing():  # a trace's sizes are tensors: the checks, without warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            _check_state(x, channel_dim, running, alpha)
+    else:
+        _check_state(x, channel_dim, running, alpha)
+    momentum, bounds, beta, eps = _check_options(momentum, bounds, beta, eps)
+    return _normalized_activation(
+        x, activation, *running, alpha, training=training, momentum=momentum, bounds=bounds,
+        beta=beta, center=center, channel_dim=channel_dim, eps=eps, mask=mask,
+        reduce_moments=reduce_moments, save=save, on_moments=on_moments,
+    )  # fmt: skip
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"normalized activation needs a tensor input, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"normalized activation needs a floating-point input, got {x.dtype}")
+
+
+def _normalized_activation(
+    x: Tensor,
+    activation: str | Activation,
+    running_rho: Tensor | None,
+    running_rho_prime: Tensor | None,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    alpha: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    bounds: tuple[float, float] | None,
+    beta: float,
+    center: bool,
+    channel_dim: int | None,
+    eps: float,
+    mask: Tensor | None,
+    reduce_moments: Callable[[BatchMoments], BatchMoments] | None,
+    save: str,
+    on_moments: Callable[[BatchMoments], None] | None,
+) -> Tensor:
+    """:func:`normalized_activation` after the checks of its state and options, which a
+    :class:`anact.NormalizedActivation` makes when it is built and loaded (its forward
+    calls this directly: a few µs less per call)."""
+    _check_input(x)
     _check_channel_dim(x, channel_dim)
     act = resolve_activation(activation)
     _saves_output(act, save)  # raises on a bad value before any statistic is updated

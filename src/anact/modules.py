@@ -8,7 +8,6 @@ and stored statistics, and the math lives in :mod:`anact.functional`.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -109,21 +108,10 @@ class NormalizedActivation(nn.Module):
         self.activation = resolve_activation(activation, **(activation_params or {}))
         AF._saves_output(self.activation, save)  # raises on a bad value
         self.save = save
-        momentum = None if momentum is None else _real("momentum", momentum)
-        if momentum is not None and not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
-        if bounds is not None:
-            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-                raise ValueError(f"bounds must be a pair (L, U) or None, got {bounds!r}")
-            low, high = (_real("bounds", b) for b in bounds)
-            if not 0.0 <= low < 1.0 < high:
-                raise ValueError(f"bounds must satisfy 0 <= L < 1 < U, got {bounds}")
-            bounds = (low, high)
-        beta, eps = _real("beta", beta), _real("eps", eps)
-        if not 0 <= beta < math.inf:
-            raise ValueError(f"beta must be finite and >= 0, got {beta}")
-        if not 0 < eps < math.inf:
-            raise ValueError(f"eps must be finite and > 0, got {eps}")
+        momentum, bounds, beta, eps = AF._check_options(momentum, bounds, beta, eps)
+        for name, flag in (("center", center), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if channel_dim is not None and (isinstance(channel_dim, bool)
                                         or not isinstance(channel_dim, int)):  # fmt: skip
             raise TypeError(f"channel_dim must be an int or None, got {channel_dim!r}")
@@ -149,6 +137,11 @@ class NormalizedActivation(nn.Module):
         self._moments_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
 
         shape = () if num_features is None else (num_features,)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"dtype must be a floating-point torch.dtype (float32, float64, ...) for the "
+                f"statistics and α, got {dtype!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.zeros(shape, **factory))
         stats = {"device": device, "dtype": dtype or torch.float32}
@@ -232,7 +225,7 @@ class NormalizedActivation(nn.Module):
         self._check_input(x)
         running_rho, running_rho_prime, running_mean, counts, alpha = self._state_tensors()
         before = self._batches_seen(counts) if self._counts_skips() else None
-        out = AF.normalized_activation(
+        out = AF._normalized_activation(  # state and options checked when built and loaded
             x,
             self.activation,
             running_rho,
@@ -376,13 +369,6 @@ class NormalizedActivation(nn.Module):
         if save != "auto":
             parts.append(f"save={save!r}")
         return ", ".join(parts)
-
-
-def _real(name: str, value: Any) -> float:
-    """``value`` as a float, or a TypeError that names the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
 
 
 def _named(name: str, doc: str) -> type[NormalizedActivation]:
