@@ -11,6 +11,7 @@ from torch import nn
 import anact
 import anact.analysis.monitors as M
 from anact.analysis import ConvergenceMonitor, activation_of, weight_mean_abs_sum
+from anact.functional import StatisticsWarning
 
 
 @pytest.fixture(autouse=True, params=["c_sums", "torch_sums"])
@@ -595,3 +596,171 @@ def test_the_scale_finished_on_the_host_is_the_layers_scale(num_features):
             for t in (m.running_rho, m.running_rho_prime, m.alpha)]
     got = M._running_scale(*args, m.eps, m.beta)
     np.testing.assert_allclose(got, m.scale().detach().double().numpy(), rtol=1e-6)
+
+
+# --------------------------------------------------------------- empty and failed steps
+
+_KEYS = {*M.LAYER_STATS, "lam"}
+
+
+def _assert_nan_record(rec, names):
+    assert math.isnan(rec["score"])
+    assert list(rec["layers"]) == names
+    for name in names:
+        assert set(rec["layers"][name]) == _KEYS, name
+        assert all(math.isnan(v) for v in rec["layers"][name].values()), (name, rec)
+
+
+def _forward_steps(model, mon, batches):
+    records = []
+    for x in batches:
+        model(x)
+        records.append(mon.step())
+    return records
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.ReLU()),  # the reported case
+        lambda: nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True)),  # read before forward
+        lambda: nn.Sequential(nn.Linear(3, 3), nn.GELU()),  # δ' by torch, not from y
+        lambda: anact.GPN("swish"),
+    ],
+    ids=["relu", "inplace-relu", "gelu", "gpn"],
+)
+@pytest.mark.parametrize("max_rows", [None, 4])
+def test_an_empty_batch_gives_a_nan_record_and_leaves_later_steps_alone(make, max_rows):
+    torch.manual_seed(12)
+    model = make()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(10, 3, generator=g) * 2 + 0.5 for _ in range(2)]
+    twin = copy.deepcopy(model)  # before the hooks: a copy would carry them
+    mon = ConvergenceMonitor(model, max_rows=max_rows)
+    model(torch.randn(0, 3))
+    empty = mon.step()
+    _assert_nan_record(empty, list(mon.layers))
+    got = _forward_steps(model, mon, batches)
+    fresh = ConvergenceMonitor(twin, max_rows=max_rows)
+    want = _forward_steps(twin, fresh, batches)
+    np.testing.assert_equal(got, want)  # the same numbers as without the empty step
+    assert all(math.isfinite(r["score"]) for r in got)
+    # the empty step counts as a NaN step in the summary, as for a normalized layer
+    summ = mon.epoch_summary()
+    assert summ["steps"] == 3 and math.isnan(summ["score"])
+    assert all(math.isnan(summ["layers"][n]["rho"]) for n in mon.layers)
+    # an empty pass pooled with a real one in the same step adds nothing
+    model(torch.randn(0, 3))
+    model(batches[0])
+    np.testing.assert_equal(mon.step(), want[0])
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda: anact.NReLU(), lambda: anact.NSwish(track_running_stats=False),
+     lambda: anact.NReLU(8, channel_dim=-1)],
+    ids=["running", "batch-stats", "per-channel"],
+)
+def test_empty_batch_gives_the_same_nan_record_for_every_kind_of_layer(norm):
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 8), norm(), nn.Linear(8, 8), anact.GPN("tanh"),
+                          nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU())
+    mon = ConvergenceMonitor(model)
+    with pytest.warns(StatisticsWarning):  # the normalized layer's own report
+        model(torch.randn(0, 3))
+    _assert_nan_record(mon.step(), ["1", "3", "5", "7"])
+    rec = _forward_steps(model, mon, [torch.randn(16, 3)])[0]
+    assert all(math.isfinite(v) for s in rec["layers"].values() for v in s.values())
+    summ = mon.epoch_summary()
+    for name in mon.layers:  # every layer averages the NaN step alike
+        assert all(math.isnan(summ["layers"][name][k]) for k in _KEYS), name
+
+
+@pytest.mark.filterwarnings("ignore::anact.functional.StatisticsWarning")
+@pytest.mark.parametrize("moments_hook", [True, False])
+def test_all_masked_batch_gives_nan_records(moments_hook):
+    # the normalized layer sees no unmasked element; the plain layer runs on the
+    # unmasked elements only, an empty tensor
+    torch.manual_seed(14)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.norm = anact.NReLU()
+            self.act = nn.Tanh()
+
+        def forward(self, x, mask):
+            h = self.norm(self.lin(x), mask=mask)
+            return self.act(h[mask.expand_as(h)])
+
+    net = Net()
+    if not moments_hook:  # as inside torch.compile: the monitor's own masked sums
+        net.norm._moments_hooks.clear()
+    mon = ConvergenceMonitor(net)
+    x = torch.randn(2, 5, 3)
+    net(x, torch.zeros(2, 5, 1, dtype=torch.bool))
+    _assert_nan_record(mon.step(), ["norm", "act"])
+    net(x, torch.ones(2, 5, 1, dtype=torch.bool))
+    rec = mon.step()
+    assert all(math.isfinite(rec["layers"][n]["rho"]) for n in ("norm", "act"))
+
+
+def test_a_failed_step_propagates_and_does_not_poison_the_next(monkeypatch):
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh())
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(12, 3, generator=g) for _ in range(2)]
+    twin = copy.deepcopy(model)
+    mon = ConvergenceMonitor(model)
+    model(torch.randn(12, 3) * 5 + 3)
+    real_stats = M._stats
+
+    def broken(s):
+        raise FloatingPointError("injected")
+
+    monkeypatch.setattr(M, "_stats", broken)
+    with pytest.raises(RuntimeError, match="discarded") as info:
+        mon.step()
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    monkeypatch.setattr(M, "_stats", real_stats)
+    assert mon.history == []
+    with pytest.raises(RuntimeError, match="no monitored activation layer"):
+        mon.step()  # nothing of the failed step is left
+    got = _forward_steps(model, mon, batches)
+    fresh = ConvergenceMonitor(twin)
+    np.testing.assert_equal(got, _forward_steps(twin, fresh, batches))
+
+
+@pytest.mark.filterwarnings("ignore::anact.functional.StatisticsWarning")
+@pytest.mark.parametrize(
+    "make", [nn.ReLU, anact.NReLU, lambda: anact.NReLU(track_running_stats=False),
+             lambda: anact.GPN("relu")],
+    ids=["relu", "nrelu", "nrelu-batch-stats", "gpn"],
+)
+def test_a_dead_layer_has_an_infinite_lambda(make):
+    # ρ = ρ' = 0: λ² = (ρ + ρ')/(2ρρ') = 1/(2ρ) + 1/(2ρ') is +inf, not 0/0
+    layer = make()
+    mon = ConvergenceMonitor(layer)
+    layer(-torch.rand(16, 3) - 0.1)
+    (stats,) = mon.step()["layers"].values()
+    assert stats["delta_rho"] == 0 and stats["delta_rho_prime"] == 0
+    assert stats["lam"] == math.inf
+
+
+def test_lambda_of_degenerate_statistics():
+    rows = [{"delta_rho": r, "delta_rho_prime": rp} for r, rp in
+            [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (math.nan, 0.0), (0.0, math.nan), (1.0, 1.0)]]
+    M._add_lambda(rows)
+    lam = [s["lam"] for s in rows]
+    assert lam[:3] == [math.inf] * 3 and math.isnan(lam[3]) and math.isnan(lam[4])
+    assert lam[5] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_an_empty_weight_gives_a_nan_weight_sum_as_its_mean():
+    model = nn.Sequential(nn.Linear(0, 3), nn.ReLU())
+    mon = ConvergenceMonitor(model)
+    model(torch.randn(5, 0))
+    rec = mon.step()
+    assert math.isnan(rec["weight_mean_abs_sum"]) and math.isnan(weight_mean_abs_sum(model))

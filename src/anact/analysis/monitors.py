@@ -719,9 +719,16 @@ def _pool(records: list[_Record], values: Iterator[float]) -> dict[str, float]:
             n, (x, xx, y, yy, g) = r.n, v
             if x != x or y != y:  # a NaN in x or y: the step's ρ' is NaN as well
                 g = math.nan
-            # y = c·(δ − shift) with one c: n·Var[δ] = n·Var[y]/c²
-            s = {"n": n, "x": x, "xx": xx, "y": y, "yy": yy, "g": g, "cg": c2 * g,
-                 "vd": max(yy - y * y / n, 0.0) / c2}
+            # y = c·(δ − shift) with one c: n·Var[δ] = n·Var[y]/c². An empty pass adds
+            # nothing (a step of empty passes only gives NaN statistics, as in _stats);
+            # with c = 0 the output tells nothing of δ (NaN)
+            if n <= 0:
+                vd = 0.0
+            elif c2 == 0:
+                vd = math.nan
+            else:
+                vd = max(yy - y * y / n, 0.0) / c2
+            s = {"n": n, "x": x, "xx": xx, "y": y, "yy": yy, "g": g, "cg": c2 * g, "vd": vd}
         for k in _FULL:
             total[k] += s[k]
     return total
@@ -878,9 +885,16 @@ class ConvergenceMonitor:
     def step(self) -> dict[str, Any]:
         """Close a training step (call after ``optimizer.step()``); returns its record.
 
+        A forward pass without elements (an empty batch; a normalized layer's all-masked
+        batch) gives NaN statistics for its layer when the step has no other pass of it,
+        and a NaN Score, for every kind of layer.
+
         Raises:
             RuntimeError: no monitored layer ran a (training) forward pass since
-                the last step, e.g. ``step()`` called twice, or the model in eval mode.
+                the last step, e.g. ``step()`` called twice, or the model in eval mode;
+                or computing the step's statistics failed (the cause chained). Either
+                way the step's forward passes are discarded, so the next step starts
+                afresh.
         """
         fired = [layer for layer in self._layers if layer.pending]
         if self._layers and not fired:
@@ -889,6 +903,21 @@ class ConvergenceMonitor:
                 "pass since the last step; call step() once per training step, after "
                 "optimizer.step(), with the model in train() mode"
             )
+        try:
+            return self._close_step(fired)
+        except Exception as exc:
+            raise RuntimeError(
+                f"ConvergenceMonitor.step() could not compute this step's statistics "
+                f"({type(exc).__name__}: {exc}); the step's forward passes were discarded "
+                "and the next step starts afresh"
+            ) from exc
+        finally:  # one bad step must not leave its records to the next
+            for layer in fired:
+                layer.pending.clear()
+                layer.calls = 0
+
+    def _close_step(self, fired: list[_Layer]) -> dict[str, Any]:
+        """The record of the step whose forward passes ``fired`` hold (see :meth:`step`)."""
         sites = [(layer, call) for layer in fired for call in sorted(layer.pending)]
         tensors = []
         for layer, call in sites:
@@ -928,11 +957,8 @@ class ConvergenceMonitor:
             layers[name] = vals
             score += (abs(_log(vals["rho"])) + abs(_log(vals["rho_prime"]))) / 2  # eq. 22
         _add_lambda(layers.values())
-        for layer in fired:
-            layer.pending.clear()
-            layer.calls = 0
-        wsum_value = sum(  # Σ_i |E[W_i]| (Figure 4)
-            abs((next(values) if v is None else v) / w.numel())
+        wsum_value = sum(  # Σ_i |E[W_i]| (Figure 4); NaN for an empty W_i, as its mean
+            abs(_mean(next(values) if v is None else v, w.numel()))
             for w, v in zip(weights, w_sums, strict=True)
         )
         record = {"score": score, "weight_mean_abs_sum": wsum_value, "layers": layers}
@@ -1026,12 +1052,19 @@ def _stats(s: dict[str, float]) -> dict[str, float]:
 
 
 def _add_lambda(layers: Iterable[dict[str, float]]) -> None:
-    """Add λ of the bare δ (eq. 13, inf for a dead layer) to each layer's statistics."""
-    layers = list(layers)
-    if not layers:
-        return
+    """Add λ of the bare δ (eq. 13) to each layer's statistics: +inf where ρ or ρ' is 0
+    (a dead layer: λ² = 1/(2ρ) + 1/(2ρ') grows without bound), NaN where either is NaN."""
     for s in layers:
-        s["lam"] = AF.lambda_factor(s["delta_rho"], s["delta_rho_prime"], eps=None)
+        rho, rho_prime = s["delta_rho"], s["delta_rho_prime"]
+        if rho == 0 and rho_prime >= 0 or rho_prime == 0 and rho >= 0:
+            s["lam"] = math.inf  # lambda_factor would give 0/0 = NaN for ρ = ρ' = 0
+        else:
+            s["lam"] = AF.lambda_factor(rho, rho_prime, eps=None)
+
+
+def _mean(total: float, count: int) -> float:
+    """total / count, NaN for count 0 (the mean of no elements)."""
+    return total / count if count > 0 else math.nan
 
 
 def _ratio(a: float, b: float) -> float:
