@@ -327,3 +327,85 @@ def test_new_modules_take_the_mode_of_the_model(mode):
         out(torch.randn(4, 6))
         changed = [k for k, v in out.state_dict().items() if not torch.equal(v, before[k])]
         assert bool(changed) is training, changed
+
+
+class _AliasNet(nn.Module):
+    """An in-place ReLU whose effect the code reads through its input (``how``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.how == "input":  # the result is dropped; h was changed in place
+            self.act(h)
+        elif self.how == "view":  # through a view of h
+            self.act(h.view(-1, 2))
+        elif self.how == "functional-view":
+            F.relu_(h.reshape(-1, 2))
+        else:  # "result": the usual form, safe to convert
+            h = self.act(h)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize(
+    "how,mode",
+    [(how, mode) for how in ("input", "view", "result") for mode in ("graph", "modules")]
+    + [("functional-view", "graph")],  # modules mode does not see functional calls
+)
+def test_inplace_sites_read_through_an_alias_stay_plain(how, mode):
+    """Converting an in-place activation whose effect reaches the output through its input
+    (or a view of it) would drop it: such sites are skipped, in both modes; the usual
+    ``h = act(h)`` is converted."""
+    torch.manual_seed(0)
+    model = _AliasNet(how).eval()
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        want = model(x)
+    out, report = anact.convert(model, mode=mode, example_inputs=x, return_report=True,
+                                remove_bn_affine=False, buffer_bn=False)  # fmt: skip
+    [site] = report.sites
+    assert (site.action == "converted") == (how == "result"), site
+    if how != "result":
+        assert "read again afterwards" in site.reason
+    out.eval()  # before any batch: λ = 1, μ = 0, so a converted NReLU is the plain ReLU
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["graph", "modules"])
+def test_a_failed_inplace_conversion_leaves_the_model_as_it_was(mode):
+    """Errors found while sizing the sites come before rule 1 or any swap changes the
+    user's model (``inplace=True``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Tanh())  # fmt: skip
+    nn.init.uniform_(model[1].weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [(dict(channel_dim=5, example_inputs=torch.randn(2, 3, 8, 8)),
+              r"channel_dim=5 is out of range for the input of .*shape \(2, 4, 6, 6\)")]
+    if mode == "graph":  # no shapes: the Tanh after the pool cannot be sized
+        cases.append((dict(channel_dim=1), "pass example_inputs"))
+    for kw, match in cases:
+        with pytest.raises(ConversionError, match=match):
+            anact.convert(model, mode=mode, inplace=True, **kw)
+        assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+                                            nn.Tanh]  # fmt: skip
+        assert model[1].affine
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_example_inputs_may_be_one_tensor_or_must_be_a_tuple():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(3, 4)
+    a = anact.convert(model, mode="modules", example_inputs=x, channel_dim=1)
+    b = anact.convert(model, mode="modules", example_inputs=(x,), channel_dim=1)
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    folded = anact.fold(a.eval(), example_inputs=x)
+    torch.testing.assert_close(folded(x), a(x))
+    with pytest.raises(TypeError, match=r"example_inputs must be a tuple .* e.g. \(x,\)"):
+        anact.convert(model, mode="modules", example_inputs={"x": x})

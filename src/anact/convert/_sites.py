@@ -184,6 +184,66 @@ def added_to_before(src: fx.Node, node: fx.Node) -> bool:
     return False
 
 
+# calls whose result may share memory with their first argument (a view, the argument
+# itself, or part of it): an in-place activation on such a result also changes the argument
+_ALIAS_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose",
+    "permute", "t", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select",
+    "unfold", "as_strided", "detach", "contiguous", "chunk", "split", "unbind", "movedim",
+    "swapaxes", "swapdims", "diagonal", "type_as", "to", "float", "__getitem__",
+})
+_ALIAS_FUNCTIONS = frozenset({
+    torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.squeeze,
+    torch.unsqueeze, torch.narrow, torch.select, torch.t, torch.detach, torch.chunk,
+    torch.split, torch.unbind, torch.movedim, torch.swapaxes, torch.diagonal,
+    torch.as_strided, operator.getitem, F.dropout, torch.dropout,
+})
+_ALIAS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                  nn.Dropout3d, nn.AlphaDropout)  # (dropout: its input itself in eval)
+
+
+def _may_alias_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS or str(node.target).endswith("_")
+    if node.op == "call_function":
+        return node.target in _ALIAS_FUNCTIONS or getattr(node.target, "__name__", "").endswith(
+            "_")
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        return isinstance(m, _ALIAS_MODULES) or bool(getattr(m, "inplace", False))
+    return False
+
+
+def alias_used_elsewhere(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether an in-place call ``node`` changes a tensor that other code reads: its
+    input, or what its input is a view of (walking up through view-like calls), has a
+    user besides the chain to ``node``. Converting such a site (the normalized
+    activation returns a new tensor) would change what those users see."""
+    chain, src = node, input_node(node)
+    while src is not None:
+        if any(user is not chain for user in src.users):
+            return True
+        if not _may_alias_input(src, modules):
+            return False
+        chain, src = src, input_node(src)
+    return False
+
+
+def as_example_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    """``example_inputs`` as the tuple of the model's positional inputs: a lone tensor is
+    taken as ``(x,)``; None stays None."""
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tuple of the model's positional inputs, e.g. (x,), got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
 def input_node(node: fx.Node) -> fx.Node | None:
     """The first (tensor) argument of a call node."""
     if node.args and isinstance(node.args[0], fx.Node):

@@ -30,6 +30,8 @@ from anact.convert._sites import (
     Site,
     Tracer,
     added_to_before,
+    alias_used_elsewhere,
+    as_example_inputs,
     find_site,
     input_node,
     is_opaque,
@@ -165,20 +167,35 @@ def _strip_affine(bn: nn.Module) -> None:
     bn.bias = None
 
 
-def _num_features_of(src: fx.Node, modules: dict[str, nn.Module], channel_dim: int) -> int | None:
-    """C of the activation's input ``src``, from tensor metadata or the layer producing it."""
+def _num_features_of(src: fx.Node, modules: dict[str, nn.Module], channel_dim: int,
+                     site: str) -> int:  # fmt: skip
+    """C of the activation's input ``src``, from tensor metadata or the layer producing it
+    (where that layer fixes the size of dimension ``channel_dim``), or a ConversionError
+    that names the ``site``."""
     meta = src.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
-        return int(meta.shape[channel_dim])
+        shape = tuple(meta.shape)
+        if not -len(shape) <= channel_dim < len(shape):
+            raise ConversionError(
+                f"channel_dim={channel_dim} is out of range for the input of {site}, of shape "
+                f"{shape}; pass the channel dimension of the activations' inputs (e.g. 1 for "
+                "(N, C, H, W), -1 for (N, T, C))"
+            )
+        return int(shape[channel_dim])
     if src.op == "call_module":
         m = modules.get(src.target)
-        if isinstance(m, BATCHNORMS):
+        if isinstance(m, BATCHNORMS) and channel_dim == 1:
             return m.num_features
+        # a Linear's outputs are (N, features) in most models, so dimension 1 is taken
+        # as its last one too (a (N, T, F) input then fails its first call, saying why)
         if isinstance(m, nn.Linear) and channel_dim in (-1, 1):
             return m.out_features
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and channel_dim == 1:
             return m.out_channels
-    return None
+    raise ConversionError(
+        f"per-channel statistics (channel_dim={channel_dim}) need the number of channels at "
+        f"{site}; pass example_inputs=(x,) so that shapes are known"
+    )
 
 
 def convert(
@@ -246,6 +263,7 @@ def convert(
         )
     if activation is not None:
         get_activation(activation, **kwargs.get("activation_params", {}))  # fail early
+    example_inputs = as_example_inputs(example_inputs)
     kinds = _source_kinds(source)
     NormalizedActivation("relu", **{k: v for k, v in kwargs.items()  # validate kwargs early
                                     if k not in ("channel_dim", "activation_params")})
@@ -352,8 +370,8 @@ def _convert_graph(model, activation, kinds, remove_bn_affine, buffer_bn, skip_a
             reason = site.unsupported
         elif skip_add and src is not None and added_to_before(src, node):
             reason = "right after an element-wise addition (rule 3, skip_after_residual_add)"
-        elif site.inplace and src is not None and len(src.users) > 1:
-            reason = "in-place call whose input is used again; converting would change aliasing"
+        elif site.inplace and alias_used_elsewhere(node, modules):
+            reason = INPLACE_ALIAS_REASON
         elif src is None:
             reason = "no tensor input found"
         if reason:
@@ -364,6 +382,10 @@ def _convert_graph(model, activation, kinds, remove_bn_affine, buffer_bn, skip_a
 
     records = {id(s.node): r for s, r in zip(converted, report.converted, strict=True)}
     converted_nodes = {s.node for s in converted}
+    # every site's channel count before anything changes (an error leaves the model as it was)
+    cd = kwargs.get("channel_dim")
+    features = {s.node: None if cd is None else _num_features_of(
+        input_node(s.node), modules, cd, records[id(s.node)].site) for s in converted}
 
     # 2. rule 1: BatchNorms feeding only converted activations lose their affine transform
     if remove_bn_affine:
@@ -388,14 +410,7 @@ def _convert_graph(model, activation, kinds, remove_bn_affine, buffer_bn, skip_a
     # 3. replace each converted call site by its own NormalizedActivation
     for s in converted:
         node = s.node
-        cd = kwargs.get("channel_dim")
-        nf = _num_features_of(input_node(node), modules, cd) if cd is not None else None
-        if cd is not None and nf is None:
-            raise ConversionError(
-                f"per-channel statistics (channel_dim={cd}) need the number of channels at "
-                f"{records[id(node)].site}; pass example_inputs=(x,) so that shapes are known"
-            )
-        new = _make_module(s.kind, s.params, activation, kwargs, nf, _factory(gm))
+        new = _make_module(s.kind, s.params, activation, kwargs, features[node], _factory(gm))
         if node.op == "call_module" and len(calls[node.target]) == 1:
             name = str(node.target)
         elif node.op == "call_module":
@@ -529,6 +544,68 @@ def _record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[_Ca
     return calls
 
 
+INPLACE_ALIAS_REASON = ("in-place call whose input (or what it is a view of) is read again "
+                        "afterwards; converting would change the model")
+
+
+def _aliasing_inplace_sites(
+    model: nn.Module, calls: list[_Call], example_inputs: tuple[Any, ...], kinds: set[str]
+) -> dict[int, str]:
+    """In modules mode, the in-place activation modules whose effect reaches the output
+    through their input (``act(h); return f(h)``, or a view of h) rather than through
+    what they return: ``{id(module): reason}``. Hooks cannot tell (an in-place call
+    returns its input), so the example forward runs again with each one's ``inplace``
+    off (eval, no_grad) and the outputs are compared with the unchanged model's."""
+    candidates: dict[int, nn.Module] = {}
+    for c in calls:
+        kind = MODULE_KINDS.get(type(c.module))
+        if kind is not None and kind[0] in kinds and getattr(c.module, "inplace", False) is True:
+            candidates.setdefault(id(c.module), c.module)
+    if not candidates:
+        return {}
+
+    def outputs() -> list[Any]:
+        with torch.no_grad():
+            return torch.utils._pytree.tree_leaves(model(*example_inputs))
+
+    def changes_output(mods: Iterable[nn.Module]) -> bool:
+        mods = list(mods)
+        for m in mods:
+            m.inplace = False
+        try:
+            return not _same_leaves(reference, outputs())
+        finally:
+            for m in mods:
+                m.inplace = True
+
+    was = model.training
+    model.eval()
+    try:
+        reference = outputs()
+        if not changes_output(candidates.values()):
+            return {}
+        if not _same_leaves(reference, outputs()):
+            return {k: "in-place call that could not be checked (the model's eval outputs "
+                       "differ between two runs of example_inputs); use mode='graph'"
+                    for k in candidates}  # fmt: skip
+        bad = {k: m for k, m in candidates.items() if changes_output([m])}
+    finally:
+        model.train(was)
+    return {k: INPLACE_ALIAS_REASON for k in (bad or candidates)}
+
+
+def _same_leaves(a: list[Any], b: list[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or not torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
+            return False
+    return True
+
+
 def _grad_fn_is_tensor_add(t: Any) -> bool:
     fn = getattr(t, "grad_fn", None)
     if fn is None or not type(fn).__name__.startswith("AddBackward"):
@@ -559,8 +636,11 @@ def _convert_modules(model, activation, kinds, remove_bn_affine, buffer_bn, skip
         if isinstance(c.out, torch.Tensor):
             latest[id(c.out)] = i
 
+    # 1. decide per module, and find each site's channel count, before changing anything
     done: set[int] = set()
-    converted_calls: list[_Call] = []
+    chosen: list[tuple[int, str, int | None]] = []  # (call index, kind, num_features)
+    cd = kwargs.get("channel_dim")
+    inplace_reasons = _aliasing_inplace_sites(model, calls, example_inputs, kinds)
     for i, c in enumerate(calls):
         kind = MODULE_KINDS.get(type(c.module))
         if kind is None or kind[0] not in kinds or id(c.module) in done:
@@ -576,16 +656,29 @@ def _convert_modules(model, activation, kinds, remove_bn_affine, buffer_bn, skip
             reason = f"GELU(approximate={c.module.approximate!r}) is not the exact GELU"
         elif skip_add and c.after_add:
             reason = "right after an element-wise addition (rule 3, skip_after_residual_add)"
+        elif id(c.module) in inplace_reasons:
+            reason = inplace_reasons[id(c.module)]
         if reason:
             report.sites.append(SiteRecord(name, kind[0], "skipped", reason))
             continue
-        params = {a: getattr(c.module, a) for a in kind[1]}
-        cd = kwargs.get("channel_dim")
-        nf = int(c.inp.shape[cd]) if cd is not None else None
-        new = _make_module(kind[0], params, activation, kwargs, nf, _factory(model))
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        shape = tuple(c.inp.shape)
+        if cd is not None and not -len(shape) <= cd < len(shape):
+            raise ConversionError(
+                f"channel_dim={cd} is out of range for the input of {name}, of shape {shape}; "
+                "pass the channel dimension of the activations' inputs (e.g. 1 for "
+                "(N, C, H, W), -1 for (N, T, C))"
+            )
+        chosen.append((i, kind[0], None if cd is None else int(shape[cd])))
         report.sites.append(SiteRecord(name, kind[0], "converted", module=name))
+
+    # 2. swap the modules; rule 1 on the BatchNorm feeding each
+    converted_calls: list[_Call] = []
+    for i, kind_name, nf in chosen:
+        c = calls[i]
+        params = {a: getattr(c.module, a) for a in MODULE_KINDS[type(c.module)][1]}
+        new = _make_module(kind_name, params, activation, kwargs, nf, _factory(model))
+        parent, _, leaf = c.name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
         converted_calls.append(c)
         src_i = source[i]
         src = calls[src_i] if src_i is not None else None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from anact.activations import Activation
-from anact.convert._sites import BATCHNORMS, FeatureBatchNorm, Tracer
+from anact.convert._sites import BATCHNORMS, FeatureBatchNorm, Tracer, as_example_inputs
 from anact.convert.conversion import ConversionError
 from anact.modules import NormalizedActivation
 
@@ -476,6 +476,7 @@ def fold(
     """
     if mode not in ("graph", "modules"):
         raise ValueError(f"mode must be 'graph' or 'modules', got {mode!r}")
+    example_inputs = as_example_inputs(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     if mode == "modules":
