@@ -128,3 +128,18 @@ def test_derivative_same_with_and_without_graph(name):
     if with_graph.requires_grad:  # piecewise-constant derivatives carry no graph
         (second,) = torch.autograd.grad(with_graph.sum(), xg)
         assert torch.isfinite(second).all()
+
+
+@pytest.mark.parametrize(
+    "name,params,error,match",
+    [
+        ("softplus", {"beta": 0}, ValueError, "softplus needs beta > 0"),
+        ("softplus", {"threshold": math.inf}, ValueError, "threshold must be finite"),
+        ("lrelu", {"negative_slope": math.nan}, ValueError, "negative_slope must be finite"),
+        ("lrelu", {"negative_slope": "a"}, TypeError, "negative_slope must be a real number"),
+        ("elu", {"alpha": math.inf}, ValueError, "alpha must be finite"),
+    ],
+)
+def test_activation_parameters_are_checked(name, params, error, match):
+    with pytest.raises(error, match=match):
+        anact.get_activation(name, **params)

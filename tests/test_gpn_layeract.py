@@ -109,3 +109,19 @@ def test_layeract_saves_only_input():
     ):
         anact.LASiLU()(x)
     assert sizes == [x.numel()]
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: anact.LASiLU()(torch.randn(3, 4, dtype=torch.complex64)), TypeError,
+         "floating-point input"),
+        (lambda: anact.LASiLU()(torch.ones(3, 4, dtype=torch.long)), TypeError,
+         "floating-point input"),
+        (lambda: anact.LASiLU(eps="a"), TypeError, "eps must be a real number"),
+        (lambda: anact.LAHardSiLU(eps=0.0), ValueError, "eps must be finite and > 0"),
+    ],
+)
+def test_layeract_rejects_bad_input_clearly(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

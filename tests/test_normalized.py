@@ -1082,3 +1082,14 @@ def test_per_channel_state_saved_before_the_channel_counts_loads():
     target.load_state_dict(state)
     assert target.channel_batches_tracked.tolist() == [3] * 4
     assert "channel_batches_tracked" not in anact.NSwish().state_dict()  # per tensor: one count
+
+
+def test_sparse_input_and_backend_names():
+    with pytest.raises(TypeError, match="dense \\(strided\\) tensor, got layout torch.sparse_coo"):
+        anact.NReLU()(torch.randn(4, 4).to_sparse())
+    import anact.kernels as K
+
+    with K.backend(" Eager "):  # case-insensitive, as ANACT_BACKEND is
+        assert K.get_backend() == "eager"
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        K.set_backend("fast")

@@ -195,6 +195,17 @@ def _relu_derivative(x: Tensor) -> Tensor:
     return torch.sign(x).clamp_(min=0) if _inplace_ok(x) else (x > 0).to(x.dtype)
 
 
+def _finite(name: str, value: float) -> float:
+    """An activation parameter as a finite float, or an error that names it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
 @register_activation("relu")
 def _relu() -> Activation:
     # eq. 24; δ' = 1[x > 0]
@@ -217,7 +228,7 @@ def _lrelu_derivative(x: Tensor, slope: float) -> Tensor:
 @register_activation("lrelu", aliases=("leaky_relu", "leakyrelu"))
 def _lrelu(negative_slope: float = 0.01) -> Activation:
     # eq. 26
-    s = float(negative_slope)
+    s = _finite("negative_slope", negative_slope)
     return Activation(
         "lrelu",
         fn=lambda x: F.leaky_relu(x, s),
@@ -272,7 +283,7 @@ def _elu_derivative(x: Tensor, alpha: float) -> Tensor:
 @register_activation("elu")
 def _elu(alpha: float = 1.0) -> Activation:
     # eq. 28
-    a = float(alpha)
+    a = _finite("alpha", alpha)
     return Activation(
         "elu",
         fn=lambda x: F.elu(x, a),
@@ -324,7 +335,9 @@ def _mish() -> Activation:
 @register_activation("softplus")
 def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
     # torch's softplus is linear above `threshold`, so its derivative is exactly 1 there.
-    b, th = float(beta), float(threshold)
+    b, th = _finite("beta", beta), _finite("threshold", threshold)
+    if b <= 0:
+        raise ValueError(f"softplus needs beta > 0 (log(1 + exp(βx))/β), got {b}")
 
     def d(x: Tensor) -> Tensor:
         return torch.where(x * b > th, torch.ones_like(x), torch.sigmoid(x * b))

@@ -962,6 +962,11 @@ def _check_input(x: Tensor) -> None:
         raise TypeError(f"normalized activation needs a tensor input, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"normalized activation needs a floating-point input, got {x.dtype}")
+    if x.layout is not torch.strided or x.is_nested:
+        raise TypeError(
+            f"normalized activation needs a dense (strided) tensor, got layout {x.layout}"
+            f"{' (nested)' if x.is_nested else ''}; convert it first (e.g. x.to_dense())"
+        )
 
 
 def _normalized_activation(

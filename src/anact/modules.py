@@ -553,11 +553,13 @@ class _LayerAct(nn.Module):
 
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        eps = AF._real("eps", eps)
+        if not 0 < eps < math.inf:
+            raise ValueError(f"eps must be finite and > 0, got {eps}")
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        AF._check_input(x)
         if x.dim() < 2:
             raise ValueError(
                 f"LayerAct normalizes each sample over its non-batch dimensions; expected an "

@@ -78,9 +78,11 @@ class KernelWarning(UserWarning):
 
 
 def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
+    """A backend name, case-insensitive as ``ANACT_BACKEND`` is."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return name
+    return key
 
 
 def _from_environment() -> str:
