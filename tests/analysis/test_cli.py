@@ -129,3 +129,11 @@ def test_gpn_selected_activations(capsys):
     assert _run(["gpn", "--activations", "relu", "elu:alpha=0.5"]) == 0
     out = capsys.readouterr().out
     assert "| ReLU |" in out and "| ELU(alpha=0.5) |" in out and "Tanh" not in out
+
+
+def test_rscore_outside_the_resolvable_sigma_range_is_a_usage_error(tmp_path, capsys):
+    """σ beyond what float64 resolves: exit 2 with the reason, no traceback, no files."""
+    rc = _run(["rscore", "--sigma-max", "1e200", "--log-sigma", "--out-dir", str(tmp_path)])
+    assert rc == 2
+    assert "error: sigma must lie in" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

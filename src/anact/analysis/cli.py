@@ -81,7 +81,11 @@ def _run_rscore(args: argparse.Namespace) -> int:
     t0, c0 = time.perf_counter(), time.process_time()
     space = np.geomspace if args.log_sigma else np.linspace
     sigma = space(args.sigma_min, args.sigma_max, args.num)
-    table = rscore_table(args.activations, sigma)
+    try:
+        table = rscore_table(args.activations, sigma)
+    except ValueError as e:  # σ outside the range float64 resolves; an activation's moments
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / args.name
