@@ -950,11 +950,10 @@ def normalized_activation(
     else:
         _check_state(x, channel_dim, running, alpha)
     momentum, bounds, beta, eps = _check_options(momentum, bounds, beta, eps)
-    return _normalized_activation(
-        x, activation, *running, alpha, training=training, momentum=momentum, bounds=bounds,
-        beta=beta, center=center, channel_dim=channel_dim, eps=eps, mask=mask,
-        reduce_moments=reduce_moments, save=save, on_moments=on_moments,
-    )  # fmt: skip
+    step = StatisticsStep(running, alpha, training, momentum, bounds, beta, center, eps,
+                          reduce_moments, on_moments)  # fmt: skip
+    return _normalized_activation(x, resolve_activation(activation), step,
+                                  channel_dim=channel_dim, mask=mask, save=save)  # fmt: skip
 
 
 def _check_input(x: Tensor) -> None:
@@ -970,39 +969,15 @@ def _check_input(x: Tensor) -> None:
 
 
 def _normalized_activation(
-    x: Tensor,
-    activation: str | Activation,
-    running_rho: Tensor | None,
-    running_rho_prime: Tensor | None,
-    running_mean: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    alpha: Tensor,
-    *,
-    training: bool,
-    momentum: float | None,
-    bounds: tuple[float, float] | None,
-    beta: float,
-    center: bool,
-    channel_dim: int | None,
-    eps: float,
-    mask: Tensor | None,
-    reduce_moments: Callable[[BatchMoments], BatchMoments] | None,
-    save: str,
-    on_moments: Callable[[BatchMoments], None] | None,
+    x: Tensor, act: Activation, step: StatisticsStep, *, channel_dim: int | None,
+    mask: Tensor | None, save: str,
 ) -> Tensor:
-    """:func:`normalized_activation` after the checks of its state and options, which a
-    :class:`anact.NormalizedActivation` makes when it is built and loaded (its forward
-    calls this directly: a few µs less per call)."""
-    _check_input(x)
-    _check_channel_dim(x, channel_dim)
-    act = resolve_activation(activation)
+    """:func:`normalized_activation` after the checks of x, its state and its options,
+    which a :class:`anact.NormalizedActivation` makes when it is built and loaded and, for
+    x, at each call (its forward calls this directly: a few µs less per call)."""
     _saves_output(act, save)  # raises on a bad value before any statistic is updated
-    if mask is not None and not training and running_rho is not None:
+    if mask is not None and not step.training and step.running[0] is not None:
         _check_mask(x, mask)  # unused in eval, but a bad one is an error there too
-    step = StatisticsStep(
-        (running_rho, running_rho_prime, running_mean, num_batches_tracked), alpha,
-        training, momentum, bounds, beta, center, eps, reduce_moments, on_moments,
-    )  # fmt: skip
     # a fast path (anact.kernels.set_backend) when one applies; the code below is the reference
     fast = _kernels.dispatch(
         x, act, step, channel_dim=channel_dim, mask=mask,

@@ -200,6 +200,7 @@ class NormalizedActivation(nn.Module):
             self.num_batches_skipped = torch.zeros_like(skipped, device=tracked.device)
 
     def _check_input(self, x: Tensor) -> None:
+        AF._check_input(x)
         if self.channel_dim is None:
             return
         if AF._is_recording():  # a trace's sizes are tensors: the same checks, without a
@@ -225,26 +226,15 @@ class NormalizedActivation(nn.Module):
         self._check_input(x)
         running_rho, running_rho_prime, running_mean, counts, alpha = self._state_tensors()
         before = self._batches_seen(counts) if self._counts_skips() else None
+        step = AF.StatisticsStep(
+            (running_rho, running_rho_prime, running_mean, counts), alpha, self.training,
+            self.momentum, self.bounds, self.beta, self.center, self.eps,
+            self._reduce_moments(), self._moments_observer(),
+        )  # fmt: skip
         out = AF._normalized_activation(  # state and options checked when built and loaded
-            x,
-            self.activation,
-            running_rho,
-            running_rho_prime,
-            running_mean,
-            counts,
-            alpha,
-            training=self.training,
-            momentum=self.momentum,
-            bounds=self.bounds,
-            beta=self.beta,
-            center=self.center,
-            channel_dim=self.channel_dim,
-            eps=self.eps,
-            mask=mask,
-            reduce_moments=self._reduce_moments(),
-            on_moments=self._moments_observer(),
+            x, self.activation, step, channel_dim=self.channel_dim, mask=mask,
             save=self.__dict__.get("save", "auto"),  # absent in modules pickled before
-        )
+        )  # fmt: skip
         if before is not None:
             self._count_batch(before, counts)
         return out
