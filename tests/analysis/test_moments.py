@@ -165,6 +165,18 @@ def test_lambda_factor_formula():
     assert isinstance(lambda_factor(1.0, 1.0), float)
 
 
+def test_lambda_factor_edges_are_the_analysis_convention():
+    """+inf where ρ or ρ' is 0 (a dead δ; the monitor's and gaussian_moments' λ too), NaN
+    for NaN or negative input, and no underflow of ρρ' (exact: sqrt(1/(2ρ) + 1/(2ρ')))."""
+    from fractions import Fraction
+
+    lam = lambda_factor([0.0, 0.0, 2.0, math.nan, -1.0, 1e-200], [0.0, 3.0, 0.0, 1.0, 1.0, 1e-200])
+    assert lam[:3].tolist() == [math.inf] * 3
+    assert np.isnan(lam[3:5]).all()
+    exact = math.sqrt(float(Fraction(1, 2) / Fraction(1e-200) * 2))  # 1/(2ρ) + 1/(2ρ')
+    _close(lam[5], exact, atol=0, rtol=1e-15)
+
+
 # ----------------------------------------------------------------------------- API shape / errors
 
 

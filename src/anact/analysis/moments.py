@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from anact import functional as AF
 from anact.activations import Activation, get_activation, resolve_activation
 from anact.gaussian import _Z_MAX, _legendre, nodes_per_sigma, quadrature
 
@@ -247,11 +246,21 @@ def _moments(act: Activation, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return mean, second, var, rho, rho_prime
 
 
+def _lambda(rho: torch.Tensor, rho_prime: torch.Tensor) -> torch.Tensor:
+    """λ² = (ρ + ρ')/(2ρρ') = 1/(2ρ) + 1/(2ρ') (eq. 13), unfloored: the product ρρ' would
+    underflow for large σ (ρ ~ 1/σ², ρ' ~ 1/σ for tanh); +inf where ρ or ρ' is 0 (a dead
+    δ), NaN where either is NaN or negative."""
+    lam = torch.sqrt(0.5 / rho + 0.5 / rho_prime)
+    return torch.where((rho < 0) | (rho_prime < 0), torch.full_like(lam, math.nan), lam)
+
+
 def lambda_factor(rho: ArrayLike, rho_prime: ArrayLike) -> float | np.ndarray:
-    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13), elementwise, float64, unfloored."""
+    """λ = sqrt((ρ + ρ') / (2ρρ')) (eq. 13), elementwise, float64, unfloored: +inf where
+    ρ or ρ' is 0 (a dead δ), NaN where either is NaN or negative (the analysis tools'
+    convention: :func:`gaussian_moments`, the convergence monitor)."""
     r = torch.as_tensor(np.asarray(rho, dtype=np.float64), device="cpu")
     rp = torch.as_tensor(np.asarray(rho_prime, dtype=np.float64), device="cpu")
-    out = AF.lambda_factor(r, rp, eps=None).numpy()
+    out = _lambda(r, rp).numpy()
     return float(out) if out.ndim == 0 else out
 
 
@@ -287,9 +296,7 @@ def gaussian_moments(activation: ActivationSpec, sigma: ArrayLike) -> GaussianMo
     for rows in _chunks(s, act.kinks):
         fields[:, rows] = torch.stack(_moments(act, s[rows]))
     mean, second, var, rho, rho_prime = fields
-    # λ² = (ρ + ρ')/(2ρρ') = 1/(2ρ) + 1/(2ρ') (eq. 13): the product ρρ' would underflow
-    # for large σ (ρ ~ 1/σ², ρ' ~ 1/σ for tanh); inf where ρ or ρ' is 0
-    lam = torch.sqrt(0.5 / rho + 0.5 / rho_prime)
+    lam = _lambda(rho, rho_prime)  # eq. 13
     return GaussianMoments(
         sigma=float(sig) if scalar else sig.copy(),
         mean=_finish(mean, shape, scalar),

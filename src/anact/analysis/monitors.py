@@ -65,6 +65,7 @@ from anact._native import (
     DSQ_TANH_Y,
 )
 from anact.activations import Activation, get_activation
+from anact.analysis.moments import lambda_factor
 
 # the one-pass C power sums, built with the package where a C compiler exists (else None:
 # torch ops); a module attribute of its own so that tests can take the torch path
@@ -1052,14 +1053,14 @@ def _stats(s: dict[str, float]) -> dict[str, float]:
 
 
 def _add_lambda(layers: Iterable[dict[str, float]]) -> None:
-    """Add λ of the bare δ (eq. 13) to each layer's statistics: +inf where ρ or ρ' is 0
-    (a dead layer: λ² = 1/(2ρ) + 1/(2ρ') grows without bound), NaN where either is NaN."""
-    for s in layers:
-        rho, rho_prime = s["delta_rho"], s["delta_rho_prime"]
-        if rho == 0 and rho_prime >= 0 or rho_prime == 0 and rho >= 0:
-            s["lam"] = math.inf  # lambda_factor would give 0/0 = NaN for ρ = ρ' = 0
-        else:
-            s["lam"] = AF.lambda_factor(rho, rho_prime, eps=None)
+    """Add λ of the bare δ (eq. 13) to each layer's statistics, all layers in one call:
+    +inf where ρ or ρ' is 0 (a dead layer), NaN where either is NaN."""
+    layers = list(layers)
+    if not layers:
+        return
+    lam = lambda_factor([s["delta_rho"] for s in layers], [s["delta_rho_prime"] for s in layers])
+    for s, value in zip(layers, lam.tolist(), strict=True):
+        s["lam"] = value
 
 
 def _mean(total: float, count: int) -> float:
