@@ -147,8 +147,8 @@ def _not_finite(act: Activation, s: torch.Tensor, *values: torch.Tensor) -> None
 
 
 def _rho(
-    act: Activation, s: torch.Tensor, fx: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
-    second: torch.Tensor, rho_prime: torch.Tensor,
+    act: Activation, s: torch.Tensor, x: torch.Tensor, fx: torch.Tensor, w: torch.Tensor,
+    mean: torch.Tensor, second: torch.Tensor, rho_prime: torch.Tensor,
 ) -> torch.Tensor:
     """ρ = Var[δ(x)]/σ² (eq. 5, 31) from δ at the nodes, or a ValueError where float64
     cannot resolve it.
@@ -170,7 +170,7 @@ def _rho(
     redo = unresolved & small
     mismatch = torch.zeros_like(redo)
     if bool(redo.any()):
-        rho_d, agrees = _rho_from_derivative(act, s[redo])
+        rho_d, agrees = _rho_from_derivative(act, s[redo], x[redo], fx[redo], w[redo])
         rows = redo.nonzero().squeeze(1)
         rho[rows[agrees]] = rho_d[agrees]
         noise[rows[agrees]] = 0.0
@@ -191,13 +191,15 @@ def _rho(
     return rho
 
 
-def _rho_from_derivative(act: Activation, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rho_from_derivative(
+    act: Activation, s: torch.Tensor, x: torch.Tensor, fx: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ρ from D(x)/σ = (x/σ)·∫₀¹ δ'(tx) dt (for 12σ ≤ 0.5), and whether D agrees with
-    δ(x) − δ(0) at every node to the rounding of δ."""
+    δ(x) − δ(0) at every node (``x``, ``fx`` = δ(x), weights ``w``: the caller's
+    quadrature) to the rounding of δ."""
     fn, der = act.fn, act.derivative
     t, wt = _legendre()
     t, wt = (t + 1) / 2, wt / 2  # on [0, 1]
-    _, x, w = quadrature(s, act.kinks)
     sc = s[:, None]
     d = torch.zeros_like(x)
     for tk, wk in zip(t.tolist(), wt.tolist(), strict=True):  # one node at a time: no (S, N, 20)
@@ -205,7 +207,7 @@ def _rho_from_derivative(act: Activation, s: torch.Tensor) -> tuple[torch.Tensor
     d *= x / sc
     md = (d * w).sum(dim=1)
     rho = (((d - md[:, None]) ** 2) * w).sum(dim=1)
-    fx, f0 = fn(x), fn(torch.zeros(1, dtype=torch.float64, device="cpu"))
+    f0 = fn(torch.zeros(1, dtype=torch.float64, device="cpu"))
     # δ(x) − δ(0) is known to ~2 ulps of |δ(x)| + |δ(0)|; D to ~1e-15 of |D|
     tol = 8 * _U * (fx.abs() + f0.abs()) / sc + 1e-12 * d.abs()
     agrees = ~(((fx - f0) / sc - d).abs() > tol)
@@ -240,7 +242,7 @@ def _moments(act: Activation, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
     second = (fx * fx * w).sum(dim=1)
     rho_prime = (der(x) ** 2 * w).sum(dim=1)  # eq. 6
     _not_finite(act, s, mean, second, rho_prime)
-    rho = _rho(act, s, fx, w, mean, second, rho_prime)
+    rho = _rho(act, s, x, fx, w, mean, second, rho_prime)
     var = rho * (s * s)
     _not_finite(act, s, rho, var)
     return mean, second, var, rho, rho_prime
