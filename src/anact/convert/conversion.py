@@ -167,6 +167,18 @@ def _strip_affine(bn: nn.Module) -> None:
     bn.bias = None
 
 
+def _channels_in(shape: tuple[int, ...], channel_dim: int, site: str) -> int:
+    """The size of dimension ``channel_dim`` of a site's input ``shape``, or a
+    ConversionError that names the site and the shape."""
+    if not -len(shape) <= channel_dim < len(shape):
+        raise ConversionError(
+            f"channel_dim={channel_dim} is out of range for the input of {site}, of shape "
+            f"{shape}; pass the channel dimension of the activations' inputs (e.g. 1 for "
+            "(N, C, H, W), -1 for (N, T, C))"
+        )
+    return int(shape[channel_dim])
+
+
 def _num_features_of(src: fx.Node, modules: dict[str, nn.Module], channel_dim: int,
                      site: str) -> int:  # fmt: skip
     """C of the activation's input ``src``, from tensor metadata or the layer producing it
@@ -174,14 +186,7 @@ def _num_features_of(src: fx.Node, modules: dict[str, nn.Module], channel_dim: i
     that names the ``site``."""
     meta = src.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
-        shape = tuple(meta.shape)
-        if not -len(shape) <= channel_dim < len(shape):
-            raise ConversionError(
-                f"channel_dim={channel_dim} is out of range for the input of {site}, of shape "
-                f"{shape}; pass the channel dimension of the activations' inputs (e.g. 1 for "
-                "(N, C, H, W), -1 for (N, T, C))"
-            )
-        return int(shape[channel_dim])
+        return _channels_in(tuple(meta.shape), channel_dim, site)
     if src.op == "call_module":
         m = modules.get(src.target)
         if isinstance(m, BATCHNORMS) and channel_dim == 1:
@@ -661,14 +666,8 @@ def _convert_modules(model, activation, kinds, remove_bn_affine, buffer_bn, skip
         if reason:
             report.sites.append(SiteRecord(name, kind[0], "skipped", reason))
             continue
-        shape = tuple(c.inp.shape)
-        if cd is not None and not -len(shape) <= cd < len(shape):
-            raise ConversionError(
-                f"channel_dim={cd} is out of range for the input of {name}, of shape {shape}; "
-                "pass the channel dimension of the activations' inputs (e.g. 1 for "
-                "(N, C, H, W), -1 for (N, T, C))"
-            )
-        chosen.append((i, kind[0], None if cd is None else int(shape[cd])))
+        nf = None if cd is None else _channels_in(tuple(c.inp.shape), cd, name)
+        chosen.append((i, kind[0], nf))
         report.sites.append(SiteRecord(name, kind[0], "converted", module=name))
 
     # 2. swap the modules; rule 1 on the BatchNorm feeding each
